@@ -37,13 +37,13 @@ pub fn all_yaml() -> String {
 fn strip_nonstandard_formats(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            if let Some(Value::String(f)) = map.get("format") {
-                if matches!(
+            if let Some(Value::String(f)) = map.get("format")
+                && matches!(
                     f.as_str(),
                     "uint" | "uint8" | "uint16" | "uint32" | "uint64" | "uint128"
-                ) {
-                    map.remove("format");
-                }
+                )
+            {
+                map.remove("format");
             }
             map.values_mut().for_each(strip_nonstandard_formats);
         }
