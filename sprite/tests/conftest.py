@@ -22,7 +22,7 @@ sys.path.insert(0, str(SRC_DIR))
 import server as sprite_server  # noqa: E402
 from settings import Settings  # noqa: E402
 
-RECV_TIMEOUT_S = 5.0
+RECV_TIMEOUT_S = 10.0
 ENV_VARS = ("SPRITE_LLM_URL", "SPRITE_LLM_API_KEY", "SPRITE_LLM_MODEL", "SPRITE_SECRETS_FILE",
             "SPRITE_PORT", "SPRITE_HOST", "SPRITE_MAX_MESSAGE_BYTES", "SPRITE_MAX_UPLOAD_BYTES")
 

@@ -1,5 +1,6 @@
 """mission messages with and without a configured model."""
 
+import asyncio
 import os
 
 import pytest
@@ -123,3 +124,19 @@ def test_environment_overrides_secrets_file(tmp_path):
                               "SPRITE_LLM_API_KEY": "from-env"})
     assert (config.url, config.api_key) == ("http://file/", "from-env")
     assert "from-env" not in repr(config)
+
+
+async def test_shutdown_during_a_model_call_requeues_the_mission(workspace, model_env,
+                                                                  start_server, connect_client):
+    model_env.delay_s = 5
+    srv = await start_server()
+    client = await connect_client(srv)
+    await client.send("mission", {"text": "slow"}, msg_id="m-slow")
+    await client.recv_n(2)  # ack, mission_queued
+    for _ in range(200):  # until the model call is in flight
+        if db_rows(workspace, "SELECT status FROM missions") == [("running",)]:
+            break
+        await asyncio.sleep(0.05)
+    assert db_rows(workspace, "SELECT status FROM missions") == [("running",)]
+    await srv.close()
+    assert db_rows(workspace, "SELECT status FROM missions") == [("queued",)]

@@ -50,7 +50,9 @@ async def test_server_process_logs_json_and_stops_cleanly(workspace, fake_model)
                                        and m["payload"]["event"] == "mission_result")
         assert result["payload"]["text"] == "42"
     finally:
-        code, out, err = stop(proc)
+        # In a thread, so this loop keeps serving the client's side of the
+        # close handshake that the shutting-down server starts.
+        code, out, err = await asyncio.to_thread(stop, proc)
 
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -73,7 +75,7 @@ async def test_sigint_also_stops_cleanly(workspace):
         ws = await connect_when_ready(port, proc)
         await ws.close()
     finally:
-        code, out, _ = stop(proc, signal.SIGINT)
+        code, out, _ = await asyncio.to_thread(stop, proc, signal.SIGINT)
     assert code == 0
     assert json.loads(out.splitlines()[-1])["msg"] == "stopped"
 
