@@ -2,6 +2,10 @@
 //! Sprites.dev, managed through the `User` and `Sprite` custom resources.
 
 pub mod api;
+pub mod config;
+pub mod controller;
 pub mod crdgen;
+pub mod money;
+pub mod runtime;
 pub mod telemetry;
 pub mod testenv;

@@ -261,8 +261,10 @@ async fn deleting_a_user_garbage_collects_its_sprites() {
         .await
         .unwrap();
 
+    // The garbage collector picks up new resource types on its discovery
+    // resync (every 30 s), so this can take that long on a fresh plane.
     users.delete("bob", &DeleteParams::background()).await.unwrap();
-    eventually("the owned Sprite to be garbage-collected", 30, || async {
+    eventually("the owned Sprite to be garbage-collected", 90, || async {
         match sprites.get_opt("bob-primary").await {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err("still there".to_string()),

@@ -1,0 +1,3 @@
+//! The reconcilers and the pure decisions they are made of.
+
+pub mod schedule;
