@@ -3,4 +3,6 @@
 
 pub mod api;
 pub mod crdgen;
+pub mod sim;
+pub mod sprites;
 pub mod telemetry;
