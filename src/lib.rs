@@ -7,5 +7,7 @@ pub mod controller;
 pub mod crdgen;
 pub mod money;
 pub mod runtime;
+pub mod sim;
+pub mod sprites;
 pub mod telemetry;
 pub mod testenv;
