@@ -1,8 +1,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
-use sprite_operator::{crdgen, telemetry};
+use sprite_operator::config::OperatorConfig;
+use sprite_operator::sprites::SpritesClient;
+use sprite_operator::{controller, crdgen, telemetry};
+use tokio_util::sync::CancellationToken;
 
 /// Runs one persistent AI-agent microVM per user on Sprites.dev, managed the
 /// Kubernetes way through the `User` and `Sprite` custom resources.
@@ -128,11 +133,109 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Crds(args) => crds(args),
+        Command::Controller(args) => block_on(controller(args)),
         other => {
             eprintln!("{other:?}: not built yet");
             ExitCode::FAILURE
         }
     }
+}
+
+fn block_on(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancelled on SIGINT or SIGTERM, for graceful shutdown.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// The Sprites.dev token from its file (or `SPRITES_TOKEN`), never from argv.
+fn read_token(file: Option<&PathBuf>) -> Result<String, String> {
+    if let Some(f) = file {
+        return std::fs::read_to_string(f)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("cannot read {}: {e}", f.display()));
+    }
+    std::env::var("SPRITES_TOKEN").map_err(|_| "set --sprites-token-file or SPRITES_TOKEN".to_string())
+}
+
+async fn controller(args: ControllerArgs) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("kubernetes client: {e}"))?;
+    let token = read_token(args.sprites_token_file.as_ref())?;
+    let sprites = SpritesClient::new(&args.sprites_api_url, token).map_err(|e| e.to_string())?;
+    let config = match &args.config {
+        Some(path) => OperatorConfig::load(path).map_err(|e| e.to_string())?,
+        None => OperatorConfig::default(),
+    };
+    let ctx = Arc::new(controller::Context {
+        client: client.clone(),
+        sprites,
+        config,
+        clock: Arc::new(controller::SystemClock),
+        metrics: Arc::new(controller::metrics::Metrics::default()),
+    });
+    let shutdown = shutdown_token();
+    let addr: std::net::SocketAddr = args
+        .metrics_addr
+        .parse()
+        .map_err(|e| format!("--metrics-addr: {e}"))?;
+    let metrics = tokio::spawn(controller::serve_metrics(addr, ctx.clone(), shutdown.clone()));
+    let namespace = args.namespace.clone();
+    if args.leader_election {
+        let settings = controller::leader::LeaseSettings {
+            namespace: args
+                .lease_namespace
+                .clone()
+                .or_else(|| args.namespace.clone())
+                .unwrap_or_else(|| "default".into()),
+            name: "sprite-operator-controller".into(),
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("sprite-operator-{}", uuid::Uuid::new_v4().simple())),
+            duration_secs: 15,
+            grace_secs: 5,
+        };
+        let work_ctx = ctx.clone();
+        controller::leader::run_as_leader(client, settings, shutdown.clone(), move |token| {
+            controller::run(work_ctx, namespace, token)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    } else {
+        controller::run(ctx, namespace, shutdown.clone()).await;
+    }
+    shutdown.cancel();
+    let _ = metrics.await;
+    Ok(())
 }
 
 fn crds(args: CrdsArgs) -> ExitCode {

@@ -1,0 +1,1038 @@
+//! The Sprite reconciler: observe, decide one step ([`plan::next_step`]),
+//! perform it, record it in status, come back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::context::Context;
+use super::error::Error;
+use super::metrics::{StepLabels, WakeLabels};
+use super::plan::{self, BlockedReason, Facts, ObservedVm, Step};
+use super::schedule::{Schedule, SkipReason, decide};
+use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
+use crate::api::sprite::{
+    ADOPT_ANNOTATION, ActiveHeartbeat, BootstrapStatus, BootstrapStep, FINALIZER, SESSION_ANNOTATION,
+    SpritePhase, UID_LABEL_PREFIX,
+};
+use crate::api::user::UserPhase;
+use crate::api::{Sprite, SpriteStatus, User};
+use crate::money::MicroUsd;
+use crate::runtime::{self, FileKind, RuntimeBundle};
+use crate::sprites::{self, ExecRequest};
+
+pub const MANAGER: &str = "sprite-operator";
+/// Re-check converged Sprites this often even without events.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Come back soon after a step that made progress.
+const PROGRESS: Duration = Duration::from_millis(200);
+/// Bootstrap attempts in a row before the phase says Failed (it still retries).
+const FAILED_AFTER_ATTEMPTS: i32 = 3;
+const EXEC_PATH: &str = "/workspace/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&super::metrics::KindLabels { kind: "Sprite" })
+        .inc();
+    let ns = sprite.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<Sprite> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = ctx.clock.now();
+    let vm_name = sprite.vm_name();
+    let mut status = sprite.status.clone().unwrap_or_default();
+    status.sprite_name = Some(vm_name.clone());
+
+    let observed = observe(&sprite, &ctx, &ns, &vm_name, &mut status, now).await?;
+    let step = plan::next_step(&observed.facts);
+    tracing::debug!(sprite = %sprite.name_any(), namespace = %ns, ?step, "next step");
+
+    let t0 = Instant::now();
+    let outcome = perform(&step, &sprite, &ctx, &api, &vm_name, &observed, &mut status, now).await;
+    ctx.metrics
+        .step_duration
+        .get_or_create(&StepLabels {
+            step: step_label(&step),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+
+    let removed_finalizer = matches!(step, Step::RemoveFinalizer | Step::DeleteVm);
+    if let Err(e) = &outcome {
+        status
+            .bootstrap
+            .get_or_insert_with(BootstrapStatus::default)
+            .attempts += 1;
+        if let Some(b) = status.bootstrap.as_mut() {
+            b.last_error = Some(e.to_string());
+        }
+        warn!(sprite = %sprite.name_any(), namespace = %ns, step = step_label(&step), error = %e, "step failed");
+    }
+    if !removed_finalizer {
+        derive_conditions(
+            &sprite,
+            &observed,
+            &step,
+            outcome.as_ref().err(),
+            &mut status,
+            now,
+        );
+        write_status_if_changed(&api, &sprite, status).await?;
+    }
+    outcome.map(|progress| match progress {
+        true => Action::requeue(PROGRESS),
+        false => Action::requeue(idle_requeue(&sprite, now)),
+    })
+}
+
+pub fn error_policy(sprite: Arc<Sprite>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabels {
+            kind: "Sprite",
+            reason: err.metric_label(),
+        })
+        .inc();
+    let attempts = sprite
+        .status
+        .as_ref()
+        .and_then(|s| s.bootstrap.as_ref())
+        .map_or(0, |b| b.attempts.max(0) as u32);
+    Action::requeue(err.backoff(attempts))
+}
+
+/// Everything the decision needs, plus what the steps reuse.
+struct Observed {
+    facts: Facts,
+    vm: Option<sprites::Sprite>,
+    bundle: Option<RuntimeBundle>,
+    bundle_error: Option<String>,
+    schedule: Option<Schedule>,
+    schedule_error: Option<String>,
+    skipped: Option<SkipReason>,
+    rate: MicroUsd,
+    clamped: bool,
+}
+
+async fn observe(
+    sprite: &Sprite,
+    ctx: &Context,
+    ns: &str,
+    vm_name: &str,
+    status: &mut SpriteStatus,
+    now: Timestamp,
+) -> Result<Observed, Error> {
+    // A metadata call: it reports status without waking the VM (decision 3).
+    let vm = match ctx.sprites.get_sprite(vm_name).await {
+        Ok(vm) => Some(vm),
+        Err(sprites::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let uid_label = format!("{UID_LABEL_PREFIX}{}", sprite.uid().unwrap_or_default());
+    let adopt = sprite
+        .annotations()
+        .get(ADOPT_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let observed_vm = vm.as_ref().map(|v| ObservedVm {
+        ours: adopt || v.labels.iter().any(|l| *l == uid_label),
+        awake: v.status == "running",
+    });
+
+    let (bundle, bundle_error) = match desired_bundle(sprite, ctx, ns).await {
+        Ok(b) => (Some(b), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+
+    let user = match &sprite.spec.user_ref {
+        Some(r) => {
+            Api::<User>::namespaced(ctx.client.clone(), ns)
+                .get_opt(&r.name)
+                .await?
+        }
+        None => None,
+    };
+    let tier = user.as_ref().map(|u| ctx.config.tier(u.spec.tier).clone());
+    let quota_admits = match (&user, &tier) {
+        (Some(u), Some(t)) => admitted_by_quota(ctx, ns, sprite, &u.name_any(), t.max_sprites).await?,
+        _ => true,
+    };
+    let user_suspended = user.as_ref().is_some_and(|u| {
+        u.spec.suspend || u.status.as_ref().and_then(|s| s.phase) == Some(UserPhase::OverBudget)
+    });
+    let suspended = sprite.spec.suspend || user_suspended;
+
+    let min_interval = tier.as_ref().map_or(Duration::ZERO, |t| t.min_heartbeat_interval);
+    let rate = tier
+        .as_ref()
+        .map_or_else(|| ctx.config.tier(crate::api::Tier::Free).rate(), |t| t.rate());
+    let (mut schedule, mut schedule_error, mut heartbeat_due, mut skipped, mut clamped) =
+        (None, None, None, None, false);
+    if let Some(hb) = &sprite.spec.template.heartbeat {
+        match Schedule::parse(hb) {
+            Ok(s) => {
+                let planned = status.next_heartbeat_time.as_ref().map(|t| t.0);
+                let last = status.last_heartbeat_time.as_ref().map(|t| t.0);
+                let d = decide(&s, planned, last, now, min_interval);
+                status.skipped_heartbeats += d.skipped as i64;
+                status.next_heartbeat_time = d.next.map(Time);
+                skipped = d.skip_reason;
+                clamped = s.shortest_gap(now, 16).is_some_and(|g| g < min_interval);
+                // Suspended Sprites let their ticks pass.
+                heartbeat_due = if suspended { None } else { d.run };
+                schedule = Some(s);
+            }
+            Err(e) => schedule_error = Some(e.to_string()),
+        }
+    } else {
+        status.next_heartbeat_time = None;
+    }
+
+    let heartbeat_running = status.active_heartbeat.as_ref().map(|h| {
+        let duration = schedule.as_ref().map_or(Duration::from_secs(120), |s| s.duration);
+        elapsed(h.started_at.0, now) >= duration
+    });
+    let session_active = sprite
+        .annotations()
+        .get(SESSION_ANNOTATION)
+        .and_then(|v| v.parse::<Timestamp>().ok())
+        .is_some_and(|until| until > now);
+
+    // Looking inside only when the VM is awake for another reason anyway.
+    let awake = observed_vm.as_ref().is_some_and(|v| v.awake);
+    let server_alive = match (
+        &status.server_session_id,
+        awake && (session_active || heartbeat_running.is_some()),
+    ) {
+        (Some(id), true) => match ctx.sprites.list_sessions(vm_name).await {
+            Ok(sessions) => Some(sessions.iter().any(|s| &s.id == id && s.is_active)),
+            Err(e) => {
+                warn!(sprite = vm_name, error = %e, "cannot list sessions");
+                None
+            }
+        },
+        _ => None,
+    };
+
+    let desired_version = bundle.as_ref().map(|b| b.version.clone());
+    let failed_again = status
+        .bootstrap
+        .as_ref()
+        .and_then(|b| b.last_error.as_ref())
+        .is_some()
+        && is_update_failure_for(status, desired_version.as_deref());
+    let facts = Facts {
+        deleting: sprite.meta().deletion_timestamp.is_some(),
+        has_finalizer: sprite.finalizers().iter().any(|f| f == FINALIZER),
+        deletion_policy: sprite.spec.template.deletion_policy,
+        vm: observed_vm,
+        quota_admits,
+        suspended,
+        last_bootstrap_step: status.bootstrap.as_ref().and_then(|b| b.last_completed_step),
+        // After a failed, rolled-back update of this very version, wait for a
+        // new version rather than retrying the same failure forever.
+        desired_version: if failed_again {
+            status.deployed_version.clone()
+        } else {
+            desired_version
+        },
+        deployed_version: status.deployed_version.clone(),
+        update_type: sprite.spec.template.update_policy.type_,
+        session_active,
+        server_session: status.server_session_id.clone(),
+        server_alive,
+        heartbeat_due,
+        heartbeat_running,
+    };
+    Ok(Observed {
+        facts,
+        vm,
+        bundle,
+        bundle_error,
+        schedule,
+        schedule_error,
+        skipped,
+        rate,
+        clamped,
+    })
+}
+
+fn is_update_failure_for(status: &SpriteStatus, desired: Option<&str>) -> bool {
+    status.conditions.iter().any(|c| {
+        c.type_ == "UpToDate" && c.reason == "UpdateFailed" && desired.is_some_and(|d| c.message.contains(d))
+    })
+}
+
+fn elapsed(from: Timestamp, to: Timestamp) -> Duration {
+    Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
+}
+
+/// The runtime this Sprite should run: the embedded one or its ConfigMap's.
+/// A pinned `runtime.version` that the source does not hold is an error.
+async fn desired_bundle(sprite: &Sprite, ctx: &Context, ns: &str) -> Result<RuntimeBundle, Error> {
+    let bundle = match &sprite.spec.template.runtime.source {
+        None => RuntimeBundle::embedded(),
+        Some(src) => {
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+            let cm = cms
+                .get_opt(&src.config_map.name)
+                .await?
+                .ok_or_else(|| Error::Runtime(format!("ConfigMap {} not found", src.config_map.name)))?;
+            RuntimeBundle::from_config_map(&cm.data.unwrap_or_default())
+                .map_err(|e| Error::Runtime(format!("ConfigMap {}: {e}", src.config_map.name)))?
+        }
+    };
+    if let Some(pin) = &sprite.spec.template.runtime.version
+        && pin != &bundle.version
+    {
+        return Err(Error::Runtime(format!(
+            "runtime.version {pin} is pinned but the source holds {}",
+            bundle.version
+        )));
+    }
+    Ok(bundle)
+}
+
+/// The oldest Sprites of a User (by creation, then name) fit in its quota.
+async fn admitted_by_quota(
+    ctx: &Context,
+    ns: &str,
+    sprite: &Sprite,
+    user: &str,
+    max: u32,
+) -> Result<bool, Error> {
+    let all = Api::<Sprite>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let mut mine: Vec<&Sprite> = all
+        .items
+        .iter()
+        .filter(|s| {
+            s.spec.user_ref.as_ref().is_some_and(|r| r.name == user) && s.meta().deletion_timestamp.is_none()
+        })
+        .collect();
+    mine.sort_by_key(|s| (s.meta().creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
+    Ok(mine
+        .iter()
+        .position(|s| s.uid() == sprite.uid())
+        .is_some_and(|i| (i as u32) < max))
+}
+
+/// Performs one step. Ok(true) means progress: come back soon.
+#[allow(clippy::too_many_arguments)]
+async fn perform(
+    step: &Step,
+    sprite: &Sprite,
+    ctx: &Context,
+    api: &Api<Sprite>,
+    vm_name: &str,
+    observed: &Observed,
+    status: &mut SpriteStatus,
+    now: Timestamp,
+) -> Result<bool, Error> {
+    match step {
+        Step::AddFinalizer => {
+            let mut finalizers = sprite.finalizers().to_vec();
+            finalizers.push(FINALIZER.to_string());
+            patch_finalizers(api, sprite, finalizers).await?;
+            Ok(true)
+        }
+        Step::DeleteVm => {
+            match ctx.sprites.delete_sprite(vm_name).await {
+                Ok(()) | Err(sprites::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            info!(sprite = %sprite.name_any(), vm = vm_name, "deleted VM");
+            remove_finalizer(api, sprite).await?;
+            Ok(true)
+        }
+        Step::RemoveFinalizer => {
+            remove_finalizer(api, sprite).await?;
+            Ok(true)
+        }
+        Step::Blocked(_) | Step::Idle => Ok(false),
+        Step::CreateVm => {
+            let res = sprite.spec.template.resources.clone().unwrap_or_default();
+            let request = sprites::CreateSprite {
+                name: vm_name.to_string(),
+                config: sprites::SpriteConfig {
+                    ram_mb: res.ram_mb.map(|v| v as u32),
+                    cpus: res.cpus.map(|v| v as u32),
+                    region: res.region.clone(),
+                    storage_gb: res.storage_gb.map(|v| v as u32),
+                },
+                labels: vec![format!("{UID_LABEL_PREFIX}{}", sprite.uid().unwrap_or_default())],
+            };
+            match ctx.sprites.create_sprite(&request).await {
+                Ok(vm) => {
+                    status.sprite_id = Some(vm.id).filter(|s| !s.is_empty());
+                    status.url = Some(vm.url).filter(|s| !s.is_empty());
+                    info!(sprite = %sprite.name_any(), vm = vm_name, "created VM");
+                }
+                // Ours from an earlier pass whose answer was lost, or a
+                // stranger's: the next observation tells them apart by label.
+                Err(sprites::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(true)
+        }
+        Step::Bootstrap(step) => {
+            let bundle = observed.bundle.as_ref().ok_or_else(|| runtime_err(observed))?;
+            bootstrap_step(ctx, vm_name, *step, bundle).await?;
+            let b = status.bootstrap.get_or_insert_with(BootstrapStatus::default);
+            b.last_completed_step = Some(*step);
+            b.attempts = 0;
+            b.last_error = None;
+            if *step == BootstrapStep::Version {
+                status.deployed_version = Some(bundle.version.clone());
+            }
+            if let Some(vm) = &observed.vm {
+                status.sprite_id = Some(vm.id.clone()).filter(|s| !s.is_empty());
+                status.url = Some(vm.url.clone()).filter(|s| !s.is_empty());
+            }
+            info!(sprite = %sprite.name_any(), step = ?step, "bootstrap step done");
+            Ok(true)
+        }
+        Step::StartServer => {
+            let id = start_server(sprite, ctx, vm_name).await?;
+            status.server_session_id = Some(id);
+            Ok(true)
+        }
+        Step::StopServer => {
+            if let Some(id) = &status.server_session_id {
+                match ctx.sprites.kill_session(vm_name, id, "SIGTERM").await {
+                    Ok(()) | Err(sprites::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            status.server_session_id = None;
+            Ok(true)
+        }
+        Step::Update => {
+            let bundle = observed.bundle.as_ref().ok_or_else(|| runtime_err(observed))?;
+            if !observed.facts.vm.as_ref().is_some_and(|v| v.awake) && !observed.facts.session_active {
+                count_wake(ctx, status, "update");
+            }
+            update(sprite, ctx, vm_name, bundle, status, now).await?;
+            Ok(true)
+        }
+        Step::StartHeartbeat(tick) => {
+            let schedule = observed.schedule.as_ref().expect("a due tick has a schedule");
+            let cmd: Vec<String> = if observed.bundle.as_ref().is_some_and(RuntimeBundle::has_heartbeat) {
+                vec![
+                    runtime::VENV_PYTHON.into(),
+                    "/workspace/src/heartbeat.py".into(),
+                    "--duration".into(),
+                    schedule.duration.as_secs().max(1).to_string(),
+                ]
+            } else {
+                // A runtime without a heartbeat entry is still woken on schedule.
+                vec!["true".into()]
+            };
+            let req = base_exec(cmd).max_run_after_disconnect(schedule.duration + Duration::from_secs(30));
+            let session = ctx.sprites.exec_detached(vm_name, &req).await?;
+            count_wake(ctx, status, "heartbeat");
+            status.active_heartbeat = Some(ActiveHeartbeat {
+                session_id: session,
+                started_at: Time(now),
+                scheduled_for: Time(*tick),
+            });
+            status.last_heartbeat_time = Some(Time(*tick));
+            info!(sprite = %sprite.name_any(), tick = %tick, "heartbeat started");
+            Ok(true)
+        }
+        Step::CollectHeartbeat => {
+            if let Some(h) = status.active_heartbeat.take() {
+                let duration = observed
+                    .schedule
+                    .as_ref()
+                    .map_or(Duration::from_secs(120), |s| s.duration);
+                let ran = elapsed(h.started_at.0, now).min(duration);
+                // Counted: the heartbeat's time plus the idle tail before the
+                // VM sleeps again (decision 9). An upper bound: the entry may
+                // have finished early.
+                let seconds = (ran + ctx.config.idle_tail).as_secs() as i64;
+                account(status, seconds, observed.rate);
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn runtime_err(observed: &Observed) -> Error {
+    Error::Runtime(
+        observed
+            .bundle_error
+            .clone()
+            .unwrap_or_else(|| "unavailable".into()),
+    )
+}
+
+fn count_wake(ctx: &Context, status: &mut SpriteStatus, cause: &'static str) {
+    status.wakes += 1;
+    ctx.metrics
+        .wakes_caused
+        .get_or_create(&WakeLabels { cause })
+        .inc();
+}
+
+fn account(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd) {
+    status.runtime_seconds += seconds;
+    let before: MicroUsd = status
+        .estimated_cost
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(MicroUsd::ZERO);
+    status.estimated_cost = Some(
+        before
+            .saturating_add(MicroUsd::for_seconds(rate, seconds))
+            .to_string(),
+    );
+}
+
+fn base_exec(cmd: Vec<String>) -> ExecRequest {
+    ExecRequest::new(cmd)
+        .env("PATH", EXEC_PATH)
+        .env("HOME", runtime::WORKSPACE)
+        .env("SPRITE_WORKSPACE", runtime::WORKSPACE)
+        .dir(runtime::WORKSPACE)
+}
+
+async fn run(ctx: &Context, vm: &str, step: &str, cmd: Vec<String>) -> Result<(), Error> {
+    let out = ctx.sprites.exec_collect(vm, &base_exec(cmd)).await?;
+    if out.exit_code != 0 {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(Error::Command {
+            step: step.to_string(),
+            code: out.exit_code,
+            stderr: tail,
+        });
+    }
+    Ok(())
+}
+
+fn sh(script: String) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn pip_install(ctx: &Context) -> Vec<String> {
+    let mut cmd: Vec<String> = vec![
+        "/workspace/.venv/bin/pip".into(),
+        "install".into(),
+        "-q".into(),
+        "--disable-pip-version-check".into(),
+    ];
+    cmd.extend(ctx.config.pip_args.iter().cloned());
+    cmd.extend(["-r".into(), runtime::REQUIREMENTS_PATH.into()]);
+    cmd
+}
+
+/// Writes files concurrently: the filesystem API takes one file per call,
+/// so independent uploads are the fewest sequential round trips.
+async fn write_files<'a>(
+    ctx: &Context,
+    vm: &str,
+    files: impl Iterator<Item = &'a runtime::RuntimeFile>,
+) -> Result<(), Error> {
+    let writes = files.map(|f| {
+        ctx.sprites
+            .write_file(vm, &f.path, f.contents.clone(), 0o644, true)
+    });
+    for r in futures::future::join_all(writes).await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn bootstrap_step(
+    ctx: &Context,
+    vm: &str,
+    step: BootstrapStep,
+    bundle: &RuntimeBundle,
+) -> Result<(), Error> {
+    match step {
+        BootstrapStep::Directories => {
+            let mut cmd = vec!["mkdir".to_string(), "-p".to_string()];
+            cmd.extend(runtime::DIRECTORIES.iter().map(|d| d.to_string()));
+            run(ctx, vm, "directories", cmd).await
+        }
+        BootstrapStep::Venv => {
+            // Ubuntu on Sprites.dev may lack python3-venv; install it only then.
+            let script = "test -x /workspace/.venv/bin/python3 || python3 -m venv /workspace/.venv || \
+                          { sudo apt-get install -y python3-venv && python3 -m venv /workspace/.venv; }";
+            run(ctx, vm, "venv", sh(script.into())).await
+        }
+        BootstrapStep::Requirements => write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await,
+        BootstrapStep::PipInstall => run(ctx, vm, "pip install", pip_install(ctx)).await,
+        BootstrapStep::RuntimeFiles => write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await,
+        BootstrapStep::Schema => {
+            if !bundle.has_db_init() {
+                return Ok(());
+            }
+            run(
+                ctx,
+                vm,
+                "schema",
+                vec![
+                    runtime::VENV_PYTHON.into(),
+                    "/workspace/src/db.py".into(),
+                    "init".into(),
+                ],
+            )
+            .await
+        }
+        BootstrapStep::MemoryTemplates => write_missing_templates(ctx, vm, bundle).await,
+        BootstrapStep::Version => {
+            ctx.sprites
+                .write_file(
+                    vm,
+                    runtime::VERSION_PATH,
+                    format!("{}\n", bundle.version).into_bytes(),
+                    0o644,
+                    true,
+                )
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Memory files belong to the user once written: templates only fill gaps.
+async fn write_missing_templates(ctx: &Context, vm: &str, bundle: &RuntimeBundle) -> Result<(), Error> {
+    let existing: Vec<String> = match ctx.sprites.list_dir(vm, "/workspace/memory").await {
+        Ok(entries) => entries.into_iter().map(|e| e.path).collect(),
+        Err(sprites::Error::NotFound { .. }) => vec![],
+        Err(e) => return Err(e.into()),
+    };
+    let missing = bundle
+        .of_kind(FileKind::MemoryTemplate)
+        .filter(|f| !existing.iter().any(|p| p == &f.path));
+    write_files(ctx, vm, missing).await
+}
+
+/// Starts the runtime server detached, surviving the socket's close
+/// (`max_run_after_disconnect=0`). Its environment goes through a 0600 file,
+/// never through the exec URL (decision 6).
+async fn start_server(sprite: &Sprite, ctx: &Context, vm: &str) -> Result<String, Error> {
+    let ns = sprite.namespace().unwrap_or_default();
+    let server = &sprite.spec.template.server;
+    let mut lines = vec![format!("export SPRITE_PORT={}", server.port)];
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    for var in &server.env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                secret_value(&secrets, &from.secret_key_ref.name, &from.secret_key_ref.key).await?
+            }
+            (None, None) => String::new(),
+        };
+        lines.push(format!("export {}={}", var.name, shell_quote(&value)));
+    }
+    let body = lines.join("\n") + "\n";
+    ctx.sprites
+        .write_file(vm, runtime::SERVER_ENV_PATH, body.into_bytes(), 0o600, true)
+        .await?;
+    let mut cmd = sh(format!(". {} && exec \"$@\"", runtime::SERVER_ENV_PATH));
+    cmd.push("sh".into());
+    cmd.extend(server.command.iter().cloned());
+    let req = base_exec(cmd).max_run_after_disconnect(Duration::ZERO);
+    let id = ctx.sprites.exec_detached(vm, &req).await?;
+    info!(sprite = %sprite.name_any(), session = %id, "runtime server started");
+    Ok(id)
+}
+
+async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
+    let secret = secrets
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Secret(format!("{name} not found")))?;
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone())
+            .map_err(|_| Error::Secret(format!("{name}/{key} is not UTF-8")));
+    }
+    if let Some(v) = secret.string_data.as_ref().and_then(|d| d.get(key)) {
+        return Ok(v.clone());
+    }
+    Err(Error::Secret(format!("{name} has no key {key}")))
+}
+
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+/// Moves a bootstrapped VM to the desired runtime: checkpoint, files, pip,
+/// schema, server restart, VERSION last; on failure restore the checkpoint.
+async fn update(
+    sprite: &Sprite,
+    ctx: &Context,
+    vm: &str,
+    bundle: &RuntimeBundle,
+    status: &mut SpriteStatus,
+    _now: Timestamp,
+) -> Result<(), Error> {
+    let policy = &sprite.spec.template.update_policy;
+    let checkpoint = if policy.checkpoint_before_update {
+        let comment = format!("sprite-operator: before update to {}", bundle.version);
+        let id = ctx.sprites.create_checkpoint(vm, &comment).await?;
+        status.last_checkpoint = Some(id.clone());
+        Some(id)
+    } else {
+        None
+    };
+    let result = async {
+        write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await?;
+        run(ctx, vm, "pip install", pip_install(ctx)).await?;
+        write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await?;
+        if bundle.has_db_init() {
+            run(
+                ctx,
+                vm,
+                "schema",
+                vec![
+                    runtime::VENV_PYTHON.into(),
+                    "/workspace/src/db.py".into(),
+                    "init".into(),
+                ],
+            )
+            .await?;
+        }
+        write_missing_templates(ctx, vm, bundle).await?;
+        ctx.sprites
+            .write_file(
+                vm,
+                runtime::VERSION_PATH,
+                format!("{}\n", bundle.version).into_bytes(),
+                0o644,
+                true,
+            )
+            .await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            if let Some(id) = status.server_session_id.take() {
+                let _ = ctx.sprites.kill_session(vm, &id, "SIGTERM").await;
+            }
+            status.server_session_id = Some(start_server(sprite, ctx, vm).await?);
+            status.deployed_version = Some(bundle.version.clone());
+            info!(sprite = %sprite.name_any(), version = %bundle.version, "runtime updated");
+            Ok(())
+        }
+        Err(e) => {
+            if let (Some(id), true) = (&checkpoint, policy.rollback_on_failure) {
+                ctx.sprites.restore_checkpoint(vm, id).await?;
+                // Restore ends exec sessions, the server's included.
+                status.server_session_id = None;
+                warn!(sprite = %sprite.name_any(), checkpoint = %id, error = %e, "update failed; checkpoint restored");
+            }
+            status.conditions.retain(|c| c.type_ != "UpToDate");
+            set_condition(
+                &mut status.conditions,
+                DesiredCondition::new(
+                    "UpToDate",
+                    false,
+                    "UpdateFailed",
+                    format!("update to {} failed: {e}", bundle.version),
+                ),
+                sprite.metadata.generation,
+                Time(Timestamp::now()),
+            );
+            Err(e)
+        }
+    }
+}
+
+async fn patch_finalizers(api: &Api<Sprite>, sprite: &Sprite, finalizers: Vec<String>) -> Result<(), Error> {
+    // The resourceVersion makes this a compare-and-swap with other writers.
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": sprite.resource_version()}});
+    api.patch(&sprite.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn remove_finalizer(api: &Api<Sprite>, sprite: &Sprite) -> Result<(), Error> {
+    let rest: Vec<String> = sprite
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    patch_finalizers(api, sprite, rest).await
+}
+
+/// Conditions and phase from what was observed and what the step did.
+fn derive_conditions(
+    sprite: &Sprite,
+    o: &Observed,
+    step: &Step,
+    error: Option<&Error>,
+    status: &mut SpriteStatus,
+    now: Timestamp,
+) {
+    let generation = sprite.metadata.generation;
+    let t = Time(now);
+    let set = |status: &mut SpriteStatus, c: DesiredCondition| {
+        set_condition(&mut status.conditions, c, generation, t.clone());
+    };
+    let f = &o.facts;
+    let created = f.vm.as_ref().is_some_and(|v| v.ours) || matches!(step, Step::CreateVm) && error.is_none();
+    set(
+        status,
+        if created {
+            DesiredCondition::new("Created", true, "VmExists", "the VM exists on Sprites.dev")
+        } else {
+            DesiredCondition::new("Created", false, "VmMissing", "the VM has not been created yet")
+        },
+    );
+    let last = status.bootstrap.as_ref().and_then(|b| b.last_completed_step);
+    let bootstrapped = last == Some(BootstrapStep::Version);
+    set(
+        status,
+        if bootstrapped {
+            DesiredCondition::new("Bootstrapped", true, "Complete", "every bootstrap step completed")
+        } else if let Some(e) = error.filter(|_| matches!(step, Step::Bootstrap(_))) {
+            DesiredCondition::new("Bootstrapped", false, e.reason(), e.to_string())
+        } else {
+            DesiredCondition::new(
+                "Bootstrapped",
+                false,
+                "InProgress",
+                format!(
+                    "last completed step: {}",
+                    last.map_or("none".into(), |s| format!("{s:?}"))
+                ),
+            )
+        },
+    );
+    let server_running = status.server_session_id.is_some();
+    set(
+        status,
+        if server_running {
+            DesiredCondition::new("ServerRunning", true, "Started", "the runtime server was started")
+        } else if f.suspended {
+            DesiredCondition::new("ServerRunning", false, "Suspended", "the Sprite is suspended")
+        } else {
+            DesiredCondition::new(
+                "ServerRunning",
+                false,
+                "NotStarted",
+                "the runtime server is not running",
+            )
+        },
+    );
+    let failed_update = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "UpToDate" && c.reason == "UpdateFailed");
+    let up_to_date = match (&o.bundle, &status.deployed_version) {
+        (None, _) => DesiredCondition::new(
+            "UpToDate",
+            false,
+            "VersionUnavailable",
+            o.bundle_error.clone().unwrap_or_default(),
+        ),
+        (Some(b), Some(have)) if *have == b.version => {
+            DesiredCondition::new("UpToDate", true, "Current", format!("running {have}"))
+        }
+        (Some(_), Some(_)) if failed_update && !matches!(step, Step::Update) => status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "UpToDate")
+            .map(|c| DesiredCondition::new("UpToDate", false, "UpdateFailed", c.message.clone()))
+            .expect("present"),
+        (Some(b), Some(have)) => DesiredCondition::new(
+            "UpToDate",
+            false,
+            match f.update_type {
+                crate::api::sprite::UpdateType::Manual => "ManualUpdate",
+                _ => "AwaitingWake",
+            },
+            format!("running {have}, desired {}", b.version),
+        ),
+        (Some(b), None) => {
+            DesiredCondition::new("UpToDate", false, "NotDeployed", format!("desired {}", b.version))
+        }
+    };
+    set(status, up_to_date);
+
+    match step {
+        Step::Blocked(BlockedReason::QuotaExceeded) => set(
+            status,
+            DesiredCondition::new(
+                "QuotaExceeded",
+                true,
+                "MaxSprites",
+                "the User's tier allows no more Sprites; this one waits for room",
+            ),
+        ),
+        _ if f.vm.is_some() || f.quota_admits => {
+            remove_condition(&mut status.conditions, "QuotaExceeded");
+        }
+        _ => {}
+    }
+    if matches!(step, Step::Blocked(BlockedReason::NameConflict)) {
+        set(
+            status,
+            DesiredCondition::new(
+                "NameConflict",
+                true,
+                "NotOurs",
+                "a VM with this name exists without this Sprite's UID label; it is left untouched",
+            ),
+        );
+    } else {
+        remove_condition(&mut status.conditions, "NameConflict");
+    }
+    if let Some(e) = &o.schedule_error {
+        set(
+            status,
+            DesiredCondition::new("HeartbeatScheduled", false, "InvalidSchedule", e.clone()),
+        );
+    } else if o.schedule.is_some() {
+        let c = if o.clamped || o.skipped == Some(SkipReason::TierInterval) {
+            DesiredCondition::new(
+                "HeartbeatScheduled",
+                true,
+                "ClampedByTier",
+                "the schedule is more frequent than the tier allows: closer ticks are skipped",
+            )
+        } else {
+            DesiredCondition::new(
+                "HeartbeatScheduled",
+                true,
+                "Scheduled",
+                "heartbeats follow the schedule",
+            )
+        };
+        set(status, c);
+    } else {
+        remove_condition(&mut status.conditions, "HeartbeatScheduled");
+    }
+
+    let ready = created && bootstrapped && server_running && !f.suspended;
+    let attempts = status.bootstrap.as_ref().map_or(0, |b| b.attempts);
+    let phase = if f.deleting {
+        SpritePhase::Deleting
+    } else if f.suspended && bootstrapped {
+        SpritePhase::Suspended
+    } else if error.is_some() && attempts >= FAILED_AFTER_ATTEMPTS {
+        SpritePhase::Failed
+    } else if matches!(step, Step::Update) {
+        SpritePhase::Updating
+    } else if ready {
+        SpritePhase::Active
+    } else if f.vm.is_none() && matches!(step, Step::Blocked(_)) {
+        SpritePhase::Pending
+    } else if f.vm.is_some() || matches!(step, Step::CreateVm) {
+        SpritePhase::Provisioning
+    } else {
+        SpritePhase::Pending
+    };
+    status.phase = Some(phase);
+    let reason = match phase {
+        SpritePhase::Active => "Active",
+        SpritePhase::Suspended => "Suspended",
+        SpritePhase::Failed => error.map_or("Failed", Error::reason),
+        _ => "NotReady",
+    };
+    set(
+        status,
+        DesiredCondition::new(
+            "Ready",
+            ready,
+            reason,
+            if ready {
+                "the VM is bootstrapped and its server started".to_string()
+            } else {
+                format!("phase {phase:?}")
+            },
+        ),
+    );
+    status.observed_generation = generation;
+}
+
+async fn write_status_if_changed(
+    api: &Api<Sprite>,
+    sprite: &Sprite,
+    status: SpriteStatus,
+) -> Result<(), Error> {
+    if sprite.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "sprite-operator.dev/v1alpha1",
+        "kind": "Sprite",
+        "status": status,
+    });
+    api.patch_status(
+        &sprite.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Converged: come back at the next heartbeat tick, or for the resync.
+fn idle_requeue(sprite: &Sprite, now: Timestamp) -> Duration {
+    let next = sprite
+        .status
+        .as_ref()
+        .and_then(|s| s.next_heartbeat_time.as_ref())
+        .map(|t| elapsed(now, t.0));
+    match next {
+        Some(d) => d.clamp(Duration::from_millis(10), RESYNC),
+        None => RESYNC,
+    }
+}
+
+fn step_label(step: &Step) -> &'static str {
+    match step {
+        Step::AddFinalizer => "add_finalizer",
+        Step::DeleteVm => "delete_vm",
+        Step::RemoveFinalizer => "remove_finalizer",
+        Step::Blocked(_) => "blocked",
+        Step::CreateVm => "create_vm",
+        Step::Bootstrap(_) => "bootstrap",
+        Step::StartServer => "start_server",
+        Step::StopServer => "stop_server",
+        Step::Update => "update",
+        Step::CollectHeartbeat => "collect_heartbeat",
+        Step::StartHeartbeat(_) => "start_heartbeat",
+        Step::Idle => "idle",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn accounting_adds_exact_money() {
+        let mut s = SpriteStatus::default();
+        account(&mut s, 150, MicroUsd(180_000));
+        account(&mut s, 150, MicroUsd(180_000));
+        assert_eq!(s.runtime_seconds, 300);
+        assert_eq!(s.estimated_cost.as_deref(), Some("0.015000"));
+    }
+}
