@@ -140,7 +140,7 @@ async fn observe(
         .get(ADOPT_ANNOTATION)
         .is_some_and(|v| v == "true");
     let observed_vm = vm.as_ref().map(|v| ObservedVm {
-        ours: adopt || v.labels.iter().any(|l| *l == uid_label),
+        ours: adopt || v.labels.contains(&uid_label),
         awake: v.status == "running",
     });
 
