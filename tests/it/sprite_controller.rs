@@ -1,0 +1,325 @@
+//! The Sprite reconciler against the real apiserver and the simulator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use sprite_operator::api::Sprite;
+use sprite_operator::api::conditions::is_true;
+use sprite_operator::api::sprite::SpritePhase;
+use sprite_operator::config::OperatorConfig;
+use sprite_operator::controller::{self, Context};
+use sprite_operator::runtime::EMBEDDED_VERSION;
+use sprite_operator::sim::{SimConfig, SimHandle};
+use sprite_operator::sprites::SpritesClient;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{TestNs, eventually, example_docs};
+
+pub const SIM_TOKEN: &str = "sim-test-token-7f3a";
+
+/// A namespace, a simulator and a running controller scoped to the namespace.
+pub struct Env {
+    pub ns: TestNs,
+    pub sim: Option<SimHandle>,
+    pub sprites: SpritesClient,
+    pub data_dir: tempfile::TempDir,
+    controller: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    pub config: OperatorConfig,
+}
+
+/// pip arguments that install from the wheelhouse `make test` prepared, so
+/// VMs need no package index (decision 15).
+pub fn test_config() -> OperatorConfig {
+    let mut config = OperatorConfig::default();
+    if let Some(w) = std::env::var_os("SPRITE_WHEELHOUSE") {
+        config.pip_args = vec!["--no-index".into(), "--find-links".into(), w.to_string_lossy().into()];
+    }
+    config
+}
+
+impl Env {
+    pub async fn new(prefix: &str) -> Option<Env> {
+        Self::with_sim(prefix, |c| c).await
+    }
+
+    pub async fn with_sim(prefix: &str, tune: impl FnOnce(SimConfig) -> SimConfig) -> Option<Env> {
+        let ns = TestNs::new(prefix).await?;
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut cfg = SimConfig::new(data_dir.path(), SIM_TOKEN);
+        cfg.wake_delay = Duration::from_millis(20);
+        let sim = sprite_operator::sim::start(tune(cfg)).await.expect("sim starts");
+        let sprites = SpritesClient::new(&sim.url(), SIM_TOKEN).unwrap();
+        let mut env = Env {
+            ns,
+            sim: Some(sim),
+            sprites,
+            data_dir,
+            controller: None,
+            config: test_config(),
+        };
+        env.start_controller();
+        Some(env)
+    }
+
+    pub fn sim(&self) -> &SimHandle {
+        self.sim.as_ref().expect("sim running")
+    }
+
+    pub fn start_controller(&mut self) {
+        let ctx = Arc::new(Context {
+            client: self.ns.client.clone(),
+            sprites: self.sprites.clone(),
+            config: self.config.clone(),
+            clock: Arc::new(controller::SystemClock),
+            metrics: Arc::new(controller::metrics::Metrics::default()),
+        });
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(controller::run(ctx, Some(self.ns.name.clone()), token.clone()));
+        self.controller = Some((token, handle));
+    }
+
+    /// Kills the controller as a crash would: no graceful shutdown.
+    pub async fn kill_controller(&mut self) {
+        if let Some((_, handle)) = self.controller.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
+    pub async fn stats(&self) -> Value {
+        reqwest::Client::new()
+            .get(format!("{}/sim/stats", self.sim().url()))
+            .bearer_auth(SIM_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Calls the sim recorded for `vm` matching `route` (e.g. `POST /v1/sprites`).
+    pub async fn count_calls(&self, route: &str, vm: Option<&str>) -> usize {
+        let stats = self.stats().await;
+        stats["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["route"] == route && vm.is_none_or(|v| c["sprite"] == v))
+            .count()
+    }
+
+    pub async fn wakes(&self, vm: &str) -> u64 {
+        self.stats().await["vms"][vm]["total_wakes"].as_u64().unwrap_or(0)
+    }
+
+    pub async fn apply_example(&self, file: &str) {
+        for doc in example_docs(file) {
+            apply(&self.ns, &doc).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, name: &str, secs: u64) -> Sprite {
+        let api = self.ns.api::<Sprite>();
+        eventually(&format!("Sprite {name} to be Ready"), secs, || async {
+            let s = api.get(name).await.map_err(|e| e.to_string())?;
+            let status = s.status.clone().unwrap_or_default();
+            if is_true(&status.conditions, "Ready") && status.phase == Some(SpritePhase::Active) {
+                Ok(s)
+            } else {
+                Err(format!("{status:?}"))
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some((token, handle)) = self.controller.take() {
+            token.cancel();
+            handle.abort();
+        }
+    }
+}
+
+pub async fn apply(ns: &TestNs, doc: &Value) {
+    let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
+    let (group, version) = doc["apiVersion"].as_str().unwrap().split_once('/').unwrap_or(("", "v1"));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap());
+    let api: kube::Api<DynamicObject> =
+        kube::Api::namespaced_with(ns.client.clone(), &ns.name, &kube::core::ApiResource::from_gvk(&gvk));
+    api.patch(
+        obj.metadata.name.as_deref().unwrap(),
+        &PatchParams::apply("it-test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply {}: {e}", doc["kind"]));
+}
+
+pub fn sprite_doc(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite", "metadata": {"name": name}, "spec": spec})
+}
+
+/// Opens a WebSocket to the runtime server through the sim's TCP proxy and
+/// returns the pong's payload.
+pub async fn ping_runtime(sprites: &SpritesClient, vm: &str) -> Value {
+    let stream = sprites.proxy(vm, "localhost", 8765).await.expect("proxy connects");
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://localhost:8765/", stream)
+        .await
+        .expect("websocket handshake through the proxy");
+    let ping = json!({"type": "ping", "payload": {"n": 1}, "id": "p1"});
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(ping.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("reply in time")
+            .expect("socket open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "pong" {
+                return v["payload"].clone();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_sprite_becomes_ready_with_the_documented_layout() {
+    let Some(env) = Env::new("sprite-ready").await else { return };
+    env.apply_example("secret-api-keys.yaml").await;
+    env.apply_example("sprite.yaml").await;
+    let s = env.wait_ready("research", 180).await;
+    let status = s.status.unwrap();
+    assert_eq!(status.deployed_version.as_deref(), Some(EMBEDDED_VERSION.trim()));
+    assert!(is_true(&status.conditions, "Bootstrapped"));
+    assert!(is_true(&status.conditions, "UpToDate"));
+    assert_eq!(status.observed_generation, s.metadata.generation);
+
+    // The documented layout, read back through the filesystem API.
+    let entries: Vec<String> = env
+        .sprites
+        .list_dir("alice-research", "/workspace")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    for want in [
+        "documents",
+        "ocr",
+        "artifacts",
+        "memory",
+        "transcripts",
+        "src",
+        ".venv",
+        "requirements.txt",
+        "VERSION",
+        "agent.db",
+    ] {
+        assert!(entries.iter().any(|e| e == want), "{want} missing from /workspace: {entries:?}");
+    }
+    let version = env.sprites.read_file("alice-research", "/workspace/VERSION").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&version).trim(), EMBEDDED_VERSION.trim());
+
+    // The secret reached the server through a 0600 file, not the exec URL.
+    let env_file = env
+        .sprites
+        .list_dir("alice-research", "/workspace/.secrets")
+        .await
+        .unwrap();
+    let f = env_file.iter().find(|e| e.name == "server.env").expect("server.env written");
+    assert_eq!(f.mode.trim_start_matches('0'), "600", "server.env mode {}", f.mode);
+
+    // The runtime answers on 8765 through the sim's proxy with the embedded version.
+    let pong = eventually("the runtime server to listen", 30, || async {
+        tokio::time::timeout(Duration::from_secs(15), ping_runtime(&env.sprites, "alice-research"))
+            .await
+            .map_err(|_| "no pong".to_string())
+    })
+    .await;
+    assert_eq!(pong["version"].as_str().map(str::trim), Some(EMBEDDED_VERSION.trim()));
+
+    // One VM, created once.
+    assert_eq!(env.count_calls("POST /v1/sprites", None).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_follows_the_deletion_policy() {
+    let Some(env) = Env::new("sprite-delete").await else { return };
+    let api = env.ns.api::<Sprite>();
+    for (name, policy) in [("doomed", "Delete"), ("kept", "Retain")] {
+        let doc = sprite_doc(name, json!({"spriteName": format!("vm-{name}"), "deletionPolicy": policy}));
+        api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap())
+            .await
+            .unwrap();
+    }
+    env.wait_ready("doomed", 180).await;
+    env.wait_ready("kept", 180).await;
+    for name in ["doomed", "kept"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in ["doomed", "kept"] {
+        eventually(&format!("Sprite {name} to be gone"), 60, || async {
+            match api.get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(s)) => Err(format!("still there: finalizers {:?}", s.metadata.finalizers)),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+    }
+    assert!(
+        matches!(
+            env.sprites.get_sprite("vm-doomed").await,
+            Err(sprite_operator::sprites::Error::NotFound { .. })
+        ),
+        "Delete policy must delete the VM"
+    );
+    assert!(env.sprites.get_sprite("vm-kept").await.is_ok(), "Retain policy must keep the VM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_vm_with_our_name_is_left_untouched() {
+    let Some(env) = Env::new("sprite-conflict").await else { return };
+    env.sprites
+        .create_sprite(&sprite_operator::sprites::CreateSprite {
+            name: "taken".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let api = env.ns.api::<Sprite>();
+    let doc = sprite_doc("mine", json!({"spriteName": "taken"}));
+    api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap())
+        .await
+        .unwrap();
+    eventually("a NameConflict condition", 60, || async {
+        let s = api.get("mine").await.map_err(|e| e.to_string())?;
+        let st = s.status.unwrap_or_default();
+        if is_true(&st.conditions, "NameConflict") {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    api.delete("mine", &DeleteParams::default()).await.unwrap();
+    eventually("the Sprite to be gone", 60, || async {
+        match api.get_opt("mine").await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(env.sprites.get_sprite("taken").await.is_ok(), "someone else's VM was deleted");
+    // Nothing ever ran inside it.
+    assert_eq!(env.wakes("taken").await, 0);
+}
