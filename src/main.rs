@@ -104,6 +104,12 @@ struct SimArgs {
     /// Added delay when a sleeping VM is woken.
     #[arg(long, default_value = "300ms")]
     wake_delay: humantime::Duration,
+    /// A suspended (warm) VM goes cold after this much longer.
+    #[arg(long, default_value = "5m")]
+    cold_after: humantime::Duration,
+    /// Fault injection settings: inline JSON or the path of a JSON file (see docs/simulator.md).
+    #[arg(long)]
+    faults: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,8 +134,43 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Crds(args) => crds(args),
+        Command::Sim(args) => sim(args),
         other => {
             eprintln!("{other:?}: not built yet");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sim(args: SimArgs) -> ExitCode {
+    let faults = match args.faults.as_deref().map(sprite_operator::sim::Faults::from_arg) {
+        None => Default::default(),
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("--faults: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = sprite_operator::sim::SimConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        token: args.token,
+        idle_timeout: args.idle_timeout.into(),
+        cold_after: args.cold_after.into(),
+        wake_delay: args.wake_delay.into(),
+        faults,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sprite_operator::sim::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sim: {e}");
             ExitCode::FAILURE
         }
     }
