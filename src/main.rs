@@ -109,6 +109,12 @@ struct SimArgs {
     /// Added delay when a sleeping VM is woken.
     #[arg(long, default_value = "300ms")]
     wake_delay: humantime::Duration,
+    /// A suspended (warm) VM goes cold after this much longer.
+    #[arg(long, default_value = "5m")]
+    cold_after: humantime::Duration,
+    /// Fault injection settings: inline JSON or the path of a JSON file (see docs/simulator.md).
+    #[arg(long)]
+    faults: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -134,6 +140,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crds(args) => crds(args),
         Command::Controller(args) => block_on(controller(args)),
+        Command::Sim(args) => block_on(sim(args)),
         other => {
             eprintln!("{other:?}: not built yet");
             ExitCode::FAILURE
@@ -236,6 +243,23 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     shutdown.cancel();
     let _ = metrics.await;
     Ok(())
+}
+
+async fn sim(args: SimArgs) -> Result<(), String> {
+    let faults = match args.faults.as_deref().map(sprite_operator::sim::Faults::from_arg) {
+        None => Default::default(),
+        Some(f) => f.map_err(|e| format!("--faults: {e}"))?,
+    };
+    let config = sprite_operator::sim::SimConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        token: args.token,
+        idle_timeout: args.idle_timeout.into(),
+        cold_after: args.cold_after.into(),
+        wake_delay: args.wake_delay.into(),
+        faults,
+    };
+    sprite_operator::sim::run(config).await.map_err(|e| format!("sim: {e}"))
 }
 
 fn crds(args: CrdsArgs) -> ExitCode {
