@@ -259,7 +259,9 @@ async fn sim(args: SimArgs) -> Result<(), String> {
         wake_delay: args.wake_delay.into(),
         faults,
     };
-    sprite_operator::sim::run(config).await.map_err(|e| format!("sim: {e}"))
+    sprite_operator::sim::run(config)
+        .await
+        .map_err(|e| format!("sim: {e}"))
 }
 
 fn crds(args: CrdsArgs) -> ExitCode {

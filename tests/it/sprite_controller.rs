@@ -35,7 +35,11 @@ pub struct Env {
 pub fn test_config() -> OperatorConfig {
     let mut config = OperatorConfig::default();
     if let Some(w) = std::env::var_os("SPRITE_WHEELHOUSE") {
-        config.pip_args = vec!["--no-index".into(), "--find-links".into(), w.to_string_lossy().into()];
+        config.pip_args = vec![
+            "--no-index".into(),
+            "--find-links".into(),
+            w.to_string_lossy().into(),
+        ];
     }
     config
 }
@@ -148,10 +152,17 @@ impl Drop for Env {
 
 pub async fn apply(ns: &TestNs, doc: &Value) {
     let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-    let (group, version) = doc["apiVersion"].as_str().unwrap().split_once('/').unwrap_or(("", "v1"));
+    let (group, version) = doc["apiVersion"]
+        .as_str()
+        .unwrap()
+        .split_once('/')
+        .unwrap_or(("", "v1"));
     let gvk = kube::core::GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap());
-    let api: kube::Api<DynamicObject> =
-        kube::Api::namespaced_with(ns.client.clone(), &ns.name, &kube::core::ApiResource::from_gvk(&gvk));
+    let api: kube::Api<DynamicObject> = kube::Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &kube::core::ApiResource::from_gvk(&gvk),
+    );
     api.patch(
         obj.metadata.name.as_deref().unwrap(),
         &PatchParams::apply("it-test").force(),
@@ -167,25 +178,29 @@ pub fn sprite_doc(name: &str, spec: Value) -> Value {
 
 /// Opens a WebSocket to the runtime server through the sim's TCP proxy and
 /// returns the pong's payload.
-pub async fn ping_runtime(sprites: &SpritesClient, vm: &str) -> Value {
-    let stream = sprites.proxy(vm, "localhost", 8765).await.expect("proxy connects");
+pub async fn ping_runtime(sprites: &SpritesClient, vm: &str) -> Result<Value, String> {
+    use tokio_tungstenite::tungstenite::Message;
+    let stream = sprites
+        .proxy(vm, "localhost", 8765)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut ws, _) = tokio_tungstenite::client_async("ws://localhost:8765/", stream)
         .await
-        .expect("websocket handshake through the proxy");
+        .map_err(|e| format!("websocket handshake through the proxy: {e}"))?;
     let ping = json!({"type": "ping", "payload": {"n": 1}, "id": "p1"});
-    ws.send(tokio_tungstenite::tungstenite::Message::Text(ping.to_string().into()))
+    ws.send(Message::Text(ping.to_string().into()))
         .await
-        .unwrap();
+        .map_err(|e| e.to_string())?;
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
-            .expect("reply in time")
-            .expect("socket open")
-            .unwrap();
-        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(&t).unwrap();
+            .map_err(|_| "no reply in 10s".to_string())?
+            .ok_or("socket closed")?
+            .map_err(|e| e.to_string())?;
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).map_err(|e| e.to_string())?;
             if v["type"] == "pong" {
-                return v["payload"].clone();
+                return Ok(v["payload"].clone());
             }
         }
     }
@@ -193,7 +208,9 @@ pub async fn ping_runtime(sprites: &SpritesClient, vm: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_sprite_becomes_ready_with_the_documented_layout() {
-    let Some(env) = Env::new("sprite-ready").await else { return };
+    let Some(env) = Env::new("sprite-ready").await else {
+        return;
+    };
     env.apply_example("secret-api-keys.yaml").await;
     env.apply_example("sprite.yaml").await;
     let s = env.wait_ready("research", 180).await;
@@ -224,9 +241,16 @@ async fn example_sprite_becomes_ready_with_the_documented_layout() {
         "VERSION",
         "agent.db",
     ] {
-        assert!(entries.iter().any(|e| e == want), "{want} missing from /workspace: {entries:?}");
+        assert!(
+            entries.iter().any(|e| e == want),
+            "{want} missing from /workspace: {entries:?}"
+        );
     }
-    let version = env.sprites.read_file("alice-research", "/workspace/VERSION").await.unwrap();
+    let version = env
+        .sprites
+        .read_file("alice-research", "/workspace/VERSION")
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&version).trim(), EMBEDDED_VERSION.trim());
 
     // The secret reached the server through a 0600 file, not the exec URL.
@@ -235,17 +259,26 @@ async fn example_sprite_becomes_ready_with_the_documented_layout() {
         .list_dir("alice-research", "/workspace/.secrets")
         .await
         .unwrap();
-    let f = env_file.iter().find(|e| e.name == "server.env").expect("server.env written");
-    assert_eq!(f.mode.trim_start_matches('0'), "600", "server.env mode {}", f.mode);
+    let f = env_file
+        .iter()
+        .find(|e| e.name == "server.env")
+        .expect("server.env written");
+    assert_eq!(
+        f.mode.trim_start_matches('0'),
+        "600",
+        "server.env mode {}",
+        f.mode
+    );
 
     // The runtime answers on 8765 through the sim's proxy with the embedded version.
-    let pong = eventually("the runtime server to listen", 30, || async {
-        tokio::time::timeout(Duration::from_secs(15), ping_runtime(&env.sprites, "alice-research"))
-            .await
-            .map_err(|_| "no pong".to_string())
+    let pong = eventually("the runtime server to answer a ping", 30, || {
+        ping_runtime(&env.sprites, "alice-research")
     })
     .await;
-    assert_eq!(pong["version"].as_str().map(str::trim), Some(EMBEDDED_VERSION.trim()));
+    assert_eq!(
+        pong["version"].as_str().map(str::trim),
+        Some(EMBEDDED_VERSION.trim())
+    );
 
     // One VM, created once.
     assert_eq!(env.count_calls("POST /v1/sprites", None).await, 1);
@@ -253,10 +286,15 @@ async fn example_sprite_becomes_ready_with_the_documented_layout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_follows_the_deletion_policy() {
-    let Some(env) = Env::new("sprite-delete").await else { return };
+    let Some(env) = Env::new("sprite-delete").await else {
+        return;
+    };
     let api = env.ns.api::<Sprite>();
     for (name, policy) in [("doomed", "Delete"), ("kept", "Retain")] {
-        let doc = sprite_doc(name, json!({"spriteName": format!("vm-{name}"), "deletionPolicy": policy}));
+        let doc = sprite_doc(
+            name,
+            json!({"spriteName": format!("vm-{name}"), "deletionPolicy": policy}),
+        );
         api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap())
             .await
             .unwrap();
@@ -283,12 +321,17 @@ async fn deletion_follows_the_deletion_policy() {
         ),
         "Delete policy must delete the VM"
     );
-    assert!(env.sprites.get_sprite("vm-kept").await.is_ok(), "Retain policy must keep the VM");
+    assert!(
+        env.sprites.get_sprite("vm-kept").await.is_ok(),
+        "Retain policy must keep the VM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_vm_with_our_name_is_left_untouched() {
-    let Some(env) = Env::new("sprite-conflict").await else { return };
+    let Some(env) = Env::new("sprite-conflict").await else {
+        return;
+    };
     env.sprites
         .create_sprite(&sprite_operator::sprites::CreateSprite {
             name: "taken".into(),
@@ -319,7 +362,10 @@ async fn a_stranger_vm_with_our_name_is_left_untouched() {
         }
     })
     .await;
-    assert!(env.sprites.get_sprite("taken").await.is_ok(), "someone else's VM was deleted");
+    assert!(
+        env.sprites.get_sprite("taken").await.is_ok(),
+        "someone else's VM was deleted"
+    );
     // Nothing ever ran inside it.
     assert_eq!(env.wakes("taken").await, 0);
 }
