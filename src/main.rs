@@ -204,13 +204,12 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         Some(path) => OperatorConfig::load(path).map_err(|e| e.to_string())?,
         None => OperatorConfig::default(),
     };
-    let ctx = Arc::new(controller::Context {
-        client: client.clone(),
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
         sprites,
         config,
-        clock: Arc::new(controller::SystemClock),
-        metrics: Arc::new(controller::metrics::Metrics::default()),
-    });
+        Arc::new(controller::SystemClock),
+    ));
     let shutdown = shutdown_token();
     let addr: std::net::SocketAddr = args
         .metrics_addr

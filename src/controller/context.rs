@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
+use kube::runtime::events::{Recorder, Reporter};
+
 use crate::config::OperatorConfig;
 use crate::sprites::SpritesClient;
 
@@ -25,8 +27,32 @@ impl Clock for SystemClock {
 
 pub struct Context {
     pub client: kube::Client,
+    /// Publishes an Event for each transition (`kubectl describe sprite`).
+    pub recorder: kube::runtime::events::Recorder,
     pub sprites: SpritesClient,
     pub config: OperatorConfig,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        sprites: SpritesClient,
+        config: OperatorConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: "sprite-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            sprites,
+            config,
+            clock,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
 }

@@ -15,25 +15,93 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use futures::StreamExt;
-use kube::Api;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Sprite;
+use crate::api::{Sprite, User};
 pub use context::{Clock, Context, SystemClock};
 pub use error::Error;
 
 /// Runs the Sprite controller until `shutdown` fires.
+///
+/// Besides Sprites it watches what a Sprite's decisions read: its runtime
+/// ConfigMap (drift), its User (suspension, budget, quota) and its sibling
+/// Sprites (a deleted sibling frees quota).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
-    let sprites: Api<Sprite> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    Controller::new(sprites, watcher::Config::default().any_semantic())
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = &ctx.client;
+    let controller = Controller::new(
+        api::<Sprite>(client, &namespace),
+        watcher::Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    let (by_cm, by_user, by_sibling) = (store.clone(), store.clone(), store);
+    controller
+        .watches(
+            api::<ConfigMap>(client, &namespace),
+            watcher::Config::default(),
+            move |cm| {
+                dependents(&by_cm, cm.namespace(), |s| {
+                    s.spec
+                        .template
+                        .runtime
+                        .source
+                        .as_ref()
+                        .is_some_and(|src| src.config_map.name == cm.name_any())
+                })
+            },
+        )
+        .watches(
+            api::<User>(client, &namespace),
+            watcher::Config::default(),
+            move |u| {
+                dependents(&by_user, u.namespace(), |s| {
+                    s.spec.user_ref.as_ref().is_some_and(|r| r.name == u.name_any())
+                })
+            },
+        )
+        .watches(
+            api::<Sprite>(client, &namespace),
+            watcher::Config::default(),
+            move |sibling| {
+                let Some(user) = sibling.spec.user_ref.clone() else {
+                    return vec![];
+                };
+                dependents(&by_sibling, sibling.namespace(), |s| {
+                    s.spec.user_ref.as_ref().is_some_and(|r| r.name == user.name) && s.uid() != sibling.uid()
+                })
+            },
+        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(sprite::reconcile, sprite::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// Sprites in `ns` (from the controller's own cache) for which `pred` holds.
+fn dependents(
+    store: &kube::runtime::reflector::Store<Sprite>,
+    ns: Option<String>,
+    pred: impl Fn(&Sprite) -> bool,
+) -> Vec<ObjectRef<Sprite>> {
+    store
+        .state()
+        .iter()
+        .filter(|s| s.namespace() == ns && pred(s))
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -74,6 +75,7 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
         }
         warn!(sprite = %sprite.name_any(), namespace = %ns, step = step_label(&step), error = %e, "step failed");
     }
+    let old_phase = sprite.status.as_ref().and_then(|s| s.phase);
     if !removed_finalizer {
         derive_conditions(
             &sprite,
@@ -83,8 +85,11 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
             &mut status,
             now,
         );
-        write_status_if_changed(&api, &sprite, status).await?;
+        write_status_if_changed(&api, &sprite, status.clone()).await?;
     }
+    // Events go out after the status write: a crash in between loses an
+    // Event, it never announces a step twice that status says is done.
+    publish_events(&ctx, &sprite, &step, &outcome, old_phase, status.phase).await;
     outcome.map(|progress| match progress {
         true => Action::requeue(PROGRESS),
         false => Action::requeue(idle_requeue(&sprite, now)),
@@ -220,12 +225,7 @@ async fn observe(
     };
 
     let desired_version = bundle.as_ref().map(|b| b.version.clone());
-    let failed_again = status
-        .bootstrap
-        .as_ref()
-        .and_then(|b| b.last_error.as_ref())
-        .is_some()
-        && is_update_failure_for(status, desired_version.as_deref());
+    let failed_again = is_update_failure_for(status, desired_version.as_deref());
     let facts = Facts {
         deleting: sprite.meta().deletion_timestamp.is_some(),
         has_finalizer: sprite.finalizers().iter().any(|f| f == FINALIZER),
@@ -418,7 +418,7 @@ async fn perform(
             if !observed.facts.vm.as_ref().is_some_and(|v| v.awake) && !observed.facts.session_active {
                 count_wake(ctx, status, "update");
             }
-            update(sprite, ctx, vm_name, bundle, status, now).await?;
+            update(sprite, ctx, vm_name, bundle, status).await?;
             Ok(true)
         }
         Step::StartHeartbeat(tick) => {
@@ -681,7 +681,6 @@ async fn update(
     vm: &str,
     bundle: &RuntimeBundle,
     status: &mut SpriteStatus,
-    _now: Timestamp,
 ) -> Result<(), Error> {
     let policy = &sprite.spec.template.update_policy;
     let checkpoint = if policy.checkpoint_before_update {
@@ -739,18 +738,6 @@ async fn update(
                 status.server_session_id = None;
                 warn!(sprite = %sprite.name_any(), checkpoint = %id, error = %e, "update failed; checkpoint restored");
             }
-            status.conditions.retain(|c| c.type_ != "UpToDate");
-            set_condition(
-                &mut status.conditions,
-                DesiredCondition::new(
-                    "UpToDate",
-                    false,
-                    "UpdateFailed",
-                    format!("update to {} failed: {e}", bundle.version),
-                ),
-                sprite.metadata.generation,
-                Time(Timestamp::now()),
-            );
             Err(e)
         }
     }
@@ -834,10 +821,11 @@ fn derive_conditions(
             )
         },
     );
-    let failed_update = status
+    let previous_failure = status
         .conditions
         .iter()
-        .any(|c| c.type_ == "UpToDate" && c.reason == "UpdateFailed");
+        .find(|c| c.type_ == "UpToDate" && c.reason == "UpdateFailed")
+        .map(|c| c.message.clone());
     let up_to_date = match (&o.bundle, &status.deployed_version) {
         (None, _) => DesiredCondition::new(
             "UpToDate",
@@ -848,18 +836,32 @@ fn derive_conditions(
         (Some(b), Some(have)) if *have == b.version => {
             DesiredCondition::new("UpToDate", true, "Current", format!("running {have}"))
         }
-        (Some(_), Some(_)) if failed_update && !matches!(step, Step::Update) => status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "UpToDate")
-            .map(|c| DesiredCondition::new("UpToDate", false, "UpdateFailed", c.message.clone()))
-            .expect("present"),
+        (Some(b), _) if matches!(step, Step::Update) && error.is_some() => DesiredCondition::new(
+            "UpToDate",
+            false,
+            "UpdateFailed",
+            format!(
+                "update to {} failed: {}",
+                b.version,
+                error.map(ToString::to_string).unwrap_or_default()
+            ),
+        ),
+        // A failed update of this version stays reported until a new version.
+        (Some(b), _) if previous_failure.as_ref().is_some_and(|m| m.contains(&b.version)) => {
+            DesiredCondition::new(
+                "UpToDate",
+                false,
+                "UpdateFailed",
+                previous_failure.clone().unwrap_or_default(),
+            )
+        }
         (Some(b), Some(have)) => DesiredCondition::new(
             "UpToDate",
             false,
             match f.update_type {
                 crate::api::sprite::UpdateType::Manual => "ManualUpdate",
-                _ => "AwaitingWake",
+                crate::api::sprite::UpdateType::Immediate => "Updating",
+                crate::api::sprite::UpdateType::OnWake => "AwaitingWake",
             },
             format!("running {have}, desired {}", b.version),
         ),
@@ -985,6 +987,54 @@ async fn write_status_if_changed(
     )
     .await?;
     Ok(())
+}
+
+async fn publish_events(
+    ctx: &Context,
+    sprite: &Sprite,
+    step: &Step,
+    outcome: &Result<bool, Error>,
+    old_phase: Option<SpritePhase>,
+    new_phase: Option<SpritePhase>,
+) {
+    let mut events = vec![];
+    match (step, outcome) {
+        (_, Err(e)) => events.push((EventType::Warning, e.reason(), e.to_string())),
+        (Step::CreateVm, Ok(_)) => events.push((EventType::Normal, "VmCreated", sprite.vm_name())),
+        (Step::Bootstrap(s), Ok(_)) => {
+            events.push((EventType::Normal, "BootstrapStepCompleted", format!("{s:?}")))
+        }
+        (Step::StartServer, Ok(_)) => events.push((EventType::Normal, "ServerStarted", String::new())),
+        (Step::StopServer, Ok(_)) => events.push((EventType::Normal, "ServerStopped", String::new())),
+        (Step::Update, Ok(_)) => events.push((EventType::Normal, "RuntimeUpdated", String::new())),
+        (Step::StartHeartbeat(t), Ok(_)) => {
+            events.push((EventType::Normal, "HeartbeatStarted", t.to_string()))
+        }
+        (Step::DeleteVm, Ok(_)) => events.push((EventType::Normal, "VmDeleted", sprite.vm_name())),
+        _ => {}
+    }
+    if old_phase != new_phase
+        && let Some(p) = new_phase
+    {
+        events.push((
+            EventType::Normal,
+            "PhaseChanged",
+            format!("{old_phase:?} -> {p:?}"),
+        ));
+    }
+    let reference = sprite.object_ref(&());
+    for (type_, reason, note) in events {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: (!note.is_empty()).then_some(note),
+            action: step_label(step).into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(sprite = %sprite.name_any(), error = %e, "cannot publish event");
+        }
+    }
 }
 
 /// Converged: come back at the next heartbeat tick, or for the resync.

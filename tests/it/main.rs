@@ -5,3 +5,4 @@
 mod common;
 mod control_plane;
 mod sprite_controller;
+mod sprite_lifecycle;

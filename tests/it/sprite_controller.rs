@@ -25,7 +25,7 @@ pub struct Env {
     pub ns: TestNs,
     pub sim: Option<SimHandle>,
     pub sprites: SpritesClient,
-    pub data_dir: tempfile::TempDir,
+    _data_dir: tempfile::TempDir,
     controller: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     pub config: OperatorConfig,
 }
@@ -60,7 +60,7 @@ impl Env {
             ns,
             sim: Some(sim),
             sprites,
-            data_dir,
+            _data_dir: data_dir,
             controller: None,
             config: test_config(),
         };
@@ -73,13 +73,12 @@ impl Env {
     }
 
     pub fn start_controller(&mut self) {
-        let ctx = Arc::new(Context {
-            client: self.ns.client.clone(),
-            sprites: self.sprites.clone(),
-            config: self.config.clone(),
-            clock: Arc::new(controller::SystemClock),
-            metrics: Arc::new(controller::metrics::Metrics::default()),
-        });
+        let ctx = Arc::new(Context::new(
+            self.ns.client.clone(),
+            self.sprites.clone(),
+            self.config.clone(),
+            Arc::new(controller::SystemClock),
+        ));
         let token = CancellationToken::new();
         let handle = tokio::spawn(controller::run(ctx, Some(self.ns.name.clone()), token.clone()));
         self.controller = Some((token, handle));

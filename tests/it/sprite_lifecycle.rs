@@ -1,0 +1,421 @@
+//! Crash-resume, drift with each update policy, heartbeats and leader
+//! election: the Sprite reconciler over time, on the real apiserver and sim.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use sprite_operator::api::Sprite;
+use sprite_operator::api::conditions::find;
+use sprite_operator::api::sprite::{BootstrapStep, SESSION_ANNOTATION};
+use sprite_operator::runtime::RuntimeBundle;
+
+use crate::common::{TestNs, eventually};
+use crate::sprite_controller::{Env, SIM_TOKEN, sprite_doc};
+
+async fn put_faults(env: &Env, faults: Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/sim/faults", env.sim().url()))
+        .bearer_auth(SIM_TOKEN)
+        .json(&faults)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+async fn force_sleep(env: &Env, vm: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/sim/sprites/{vm}/sleep", env.sim().url()))
+        .bearer_auth(SIM_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+async fn create_sprite(ns: &TestNs, name: &str, spec: Value) {
+    ns.api::<Sprite>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(sprite_doc(name, spec)).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn status_of(ns: &TestNs, name: &str) -> sprite_operator::api::SpriteStatus {
+    ns.api::<Sprite>()
+        .get(name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
+/// How many times each bootstrap step was announced as completed.
+async fn step_completions(ns: &TestNs, sprite: &str) -> BTreeMap<String, i32> {
+    let events = kube::Api::<Event>::namespaced(ns.client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for e in events.items {
+        if e.reason.as_deref() == Some("BootstrapStepCompleted")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(sprite)
+        {
+            let n = e.series.as_ref().map_or(1, |s| s.count);
+            *out.entry(e.note.unwrap_or_default()).or_insert(0) += n;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_each_bootstrap_step_resumes_at_the_next() {
+    let Some(mut env) = Env::new("crash").await else {
+        return;
+    };
+    // Slow every call inside the VM, so the test can stop the controller
+    // between two steps: the delay comes before the call takes effect.
+    put_faults(
+        &env,
+        json!({"exec": {"latency_ms": 600}, "fs": {"latency_ms": 600}}),
+    )
+    .await;
+    env.kill_controller().await;
+    create_sprite(&env.ns, "crashy", json!({"spriteName": "vm-crashy"})).await;
+
+    let mut killed_after = vec![];
+    for step in BootstrapStep::ALL {
+        env.start_controller();
+        let reached = eventually(&format!("bootstrap to pass {step:?}"), 120, || async {
+            let st = status_of(&env.ns, "crashy").await;
+            match st.bootstrap.and_then(|b| b.last_completed_step) {
+                Some(done) if done >= step => Ok(done),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        env.kill_controller().await;
+        killed_after.push(reached);
+    }
+    put_faults(&env, json!({})).await;
+    env.start_controller();
+    let s = env.wait_ready("crashy", 120).await;
+    assert!(s.status.unwrap().deployed_version.is_some());
+    // Every step was seen as the last completed one when the controller died.
+    assert_eq!(
+        killed_after,
+        BootstrapStep::ALL.to_vec(),
+        "the test did not stop after every step"
+    );
+    // One VM, created once, across nine controller lives.
+    assert_eq!(env.count_calls("POST /v1/sprites", None).await, 1);
+    // No completed step ran again.
+    let completions = step_completions(&env.ns, "crashy").await;
+    for (step, n) in &completions {
+        assert_eq!(*n, 1, "step {step} completed {n} times: {completions:?}");
+    }
+    assert!(completions.len() >= 7, "{completions:?}");
+}
+
+/// A ConfigMap runtime made from the embedded one, under another version.
+fn runtime_config_map(version: &str, extra_requirement: Option<&str>) -> ConfigMap {
+    let bundle = RuntimeBundle::embedded();
+    let mut data = BTreeMap::new();
+    data.insert("VERSION".to_string(), version.to_string());
+    for f in &bundle.files {
+        let key = f.path.trim_start_matches("/workspace/").replace('/', "__");
+        let mut text = String::from_utf8(f.contents.clone()).unwrap();
+        if key == "requirements.txt"
+            && let Some(extra) = extra_requirement
+        {
+            text.push_str(extra);
+            text.push('\n');
+        }
+        data.insert(key, text);
+    }
+    serde_json::from_value(json!({"metadata": {"name": "rt"}, "data": data})).unwrap()
+}
+
+async fn apply_cm(ns: &TestNs, cm: &ConfigMap) {
+    ns.api::<ConfigMap>()
+        .patch("rt", &PatchParams::apply("it-test").force(), &Patch::Apply(cm))
+        .await
+        .unwrap();
+}
+
+async fn vm_version(env: &Env, vm: &str) -> String {
+    let v = env.sprites.read_file(vm, "/workspace/VERSION").await.unwrap();
+    String::from_utf8_lossy(&v).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
+    let Some(env) = Env::with_sim("drift-onwake", |mut c| {
+        c.idle_timeout = Duration::from_secs(2);
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    apply_cm(&env.ns, &runtime_config_map("cm-1", None)).await;
+    create_sprite(
+        &env.ns,
+        "lazy",
+        json!({"spriteName": "vm-lazy", "runtime": {"source": {"configMap": {"name": "rt"}}}}),
+    )
+    .await;
+    env.wait_ready("lazy", 180).await;
+    force_sleep(&env, "vm-lazy").await;
+    let wakes_before = env.wakes("vm-lazy").await;
+
+    apply_cm(&env.ns, &runtime_config_map("cm-2", None)).await;
+    let st = eventually("drift to be reported", 30, || async {
+        let st = status_of(&env.ns, "lazy").await;
+        match find(&st.conditions, "UpToDate") {
+            Some(c) if c.status == "False" && c.reason == "AwaitingWake" => Ok(st),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(st.deployed_version.as_deref(), Some("cm-1"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.wakes("vm-lazy").await,
+        wakes_before,
+        "OnWake drift woke the VM"
+    );
+    assert_eq!(
+        status_of(&env.ns, "lazy").await.deployed_version.as_deref(),
+        Some("cm-1")
+    );
+
+    // A live relay session means the VM is awake anyway: now it updates.
+    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(2)).to_string();
+    env.ns
+        .api::<Sprite>()
+        .patch(
+            "lazy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {SESSION_ANNOTATION: until}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the update on wake", 120, || async {
+        let st = status_of(&env.ns, "lazy").await;
+        if st.deployed_version.as_deref() == Some("cm-2") {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    assert_eq!(vm_version(&env, "vm-lazy").await, "cm-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_updates_now_and_a_failed_update_rolls_back() {
+    let Some(env) = Env::with_sim("drift-immediate", |mut c| {
+        c.idle_timeout = Duration::from_secs(2);
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    apply_cm(&env.ns, &runtime_config_map("cm-1", None)).await;
+    create_sprite(
+        &env.ns,
+        "eager",
+        json!({"spriteName": "vm-eager", "runtime": {"source": {"configMap": {"name": "rt"}}},
+               "updatePolicy": {"type": "Immediate"}}),
+    )
+    .await;
+    env.wait_ready("eager", 180).await;
+    force_sleep(&env, "vm-eager").await;
+    let wakes_before = env.wakes("vm-eager").await;
+
+    apply_cm(&env.ns, &runtime_config_map("cm-2", None)).await;
+    eventually("the immediate update", 120, || async {
+        let st = status_of(&env.ns, "eager").await;
+        if st.deployed_version.as_deref() == Some("cm-2") {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    assert!(
+        env.wakes("vm-eager").await > wakes_before,
+        "Immediate must wake the VM to update"
+    );
+    assert_eq!(vm_version(&env, "vm-eager").await, "cm-2");
+
+    // cm-3 cannot install: the update fails, the checkpoint comes back.
+    apply_cm(
+        &env.ns,
+        &runtime_config_map("cm-3", Some("no-such-package-sprite-operator==9.9.9")),
+    )
+    .await;
+    let st = eventually("the failed update to be reported", 180, || async {
+        let st = status_of(&env.ns, "eager").await;
+        match find(&st.conditions, "UpToDate") {
+            Some(c) if c.reason == "UpdateFailed" => Ok(st),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let c = find(&st.conditions, "UpToDate").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("cm-3"), "{}", c.message);
+    assert_eq!(st.deployed_version.as_deref(), Some("cm-2"));
+    assert!(st.last_checkpoint.is_some());
+    // The restored checkpoint holds cm-2's files, not cm-3's requirements.
+    assert_eq!(vm_version(&env, "vm-eager").await, "cm-2");
+    let req = env
+        .sprites
+        .read_file("vm-eager", "/workspace/requirements.txt")
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&req).contains("no-such-package"),
+        "rollback did not restore files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_run_on_schedule_and_are_the_only_wakes() {
+    let Some(env) = Env::with_sim("heartbeat", |mut c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    create_sprite(
+        &env.ns,
+        "beat",
+        json!({"spriteName": "vm-beat",
+               "heartbeat": {"schedule": "*/4 * * * * *", "duration": "1s", "startingDeadlineSeconds": 2}}),
+    )
+    .await;
+    env.wait_ready("beat", 180).await;
+    // Let the bootstrap's activity end and the VM fall asleep.
+    force_sleep(&env, "vm-beat").await;
+    let start = status_of(&env.ns, "beat").await;
+    let wakes_before = env.wakes("vm-beat").await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let end = status_of(&env.ns, "beat").await;
+
+    let beats = end.wakes - start.wakes;
+    assert!(
+        (2..=5).contains(&beats),
+        "expected about 3 heartbeats in 14 s at */4, got {beats}"
+    );
+    let sim_wakes = env.wakes("vm-beat").await - wakes_before;
+    assert_eq!(
+        sim_wakes as i64, beats,
+        "the sim saw wakes the operator did not account for"
+    );
+    assert!(end.last_heartbeat_time > start.last_heartbeat_time);
+    assert!(end.next_heartbeat_time.as_ref().unwrap().0 > end.last_heartbeat_time.as_ref().unwrap().0);
+    assert!(end.runtime_seconds > start.runtime_seconds);
+    let cost: sprite_operator::money::MicroUsd = end.estimated_cost.as_deref().unwrap().parse().unwrap();
+    assert!(cost.0 > 0);
+    // The heartbeat entry really ran and wrote its transcript.
+    let transcripts = env
+        .sprites
+        .list_dir("vm-beat", "/workspace/transcripts")
+        .await
+        .unwrap();
+    assert!(
+        transcripts.iter().any(|e| e.name.starts_with("heartbeat-")),
+        "{transcripts:?}"
+    );
+}
+
+fn reconciles(ctx: &sprite_operator::controller::Context) -> u64 {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&sprite_operator::controller::metrics::KindLabels { kind: "Sprite" })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_both_reconcile() {
+    use sprite_operator::controller::leader::{LeaseSettings, run_as_leader};
+    use sprite_operator::controller::{self, Context};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let Some(mut env) = Env::new("leader").await else {
+        return;
+    };
+    env.kill_controller().await;
+    let replica = |identity: &str| {
+        let ctx = Arc::new(Context::new(
+            env.ns.client.clone(),
+            env.sprites.clone(),
+            env.config.clone(),
+            Arc::new(controller::SystemClock),
+        ));
+        let shutdown = CancellationToken::new();
+        let settings = LeaseSettings {
+            namespace: env.ns.name.clone(),
+            name: "sprite-operator-controller".into(),
+            identity: identity.into(),
+            duration_secs: 4,
+            grace_secs: 1,
+        };
+        let (work_ctx, ns, client) = (ctx.clone(), env.ns.name.clone(), env.ns.client.clone());
+        let task = tokio::spawn(run_as_leader(client, settings, shutdown.clone(), move |token| {
+            controller::run(work_ctx, Some(ns), token)
+        }));
+        (ctx, shutdown, task)
+    };
+    let (ctx_a, stop_a, task_a) = replica("replica-a");
+    // Let A take the lease before B starts, so the roles are known.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ctx_b, stop_b, task_b) = replica("replica-b");
+
+    create_sprite(&env.ns, "led", json!({"spriteName": "vm-led"})).await;
+    env.wait_ready("led", 180).await;
+    assert!(reconciles(&ctx_a) > 0, "the leader did not reconcile");
+    assert_eq!(
+        reconciles(&ctx_b),
+        0,
+        "the follower reconciled while another replica led"
+    );
+
+    // The leader stops; the follower takes over and reconciles.
+    stop_a.cancel();
+    task_a.await.unwrap().unwrap();
+    let before = reconciles(&ctx_a);
+    env.ns
+        .api::<Sprite>()
+        .patch(
+            "led",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"poke": "1"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the follower to lead and reconcile", 30, || async {
+        if reconciles(&ctx_b) > 0 {
+            Ok(())
+        } else {
+            Err("follower idle".to_string())
+        }
+    })
+    .await;
+    assert_eq!(reconciles(&ctx_a), before, "a stopped replica reconciled");
+    stop_b.cancel();
+    task_b.await.unwrap().unwrap();
+}
