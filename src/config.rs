@@ -33,9 +33,9 @@ pub struct TierLimits {
     /// Shortest allowed time between two heartbeats; closer ticks are skipped.
     #[serde(with = "humantime_serde_compat")]
     pub min_heartbeat_interval: Duration,
-    /// Active hours a month; None is unlimited.
-    #[serde(default)]
-    pub monthly_runtime_hours: Option<u32>,
+    /// Active VM time a month (e.g. `100h`); absent is unlimited.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub monthly_runtime: Option<Duration>,
     /// How long a VM may stay idle (used by the relay's keepalive).
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
@@ -50,16 +50,16 @@ impl TierLimits {
     }
 
     pub fn monthly_budget_seconds(&self) -> Option<i64> {
-        self.monthly_runtime_hours.map(|h| h as i64 * 3600)
+        self.monthly_runtime.map(|d| d.as_secs() as i64)
     }
 }
 
 impl Default for OperatorConfig {
     fn default() -> Self {
-        let tier = |max_sprites, interval_min: u64, hours, idle_s: u64| TierLimits {
+        let tier = |max_sprites, interval_min: u64, hours: Option<u64>, idle_s: u64| TierLimits {
             max_sprites,
             min_heartbeat_interval: Duration::from_secs(interval_min * 60),
-            monthly_runtime_hours: hours,
+            monthly_runtime: hours.map(|h| Duration::from_secs(h * 3600)),
             idle_timeout: Duration::from_secs(idle_s),
             // Sprites.dev's active rate for a 4 GB VM (seed 001).
             rate_per_hour_usd: "0.18".into(),
@@ -141,6 +141,28 @@ struct PartialConfig {
     idle_tail: Option<String>,
 }
 
+/// Optional durations as humantime strings.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => humantime::parse_duration(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Durations as humantime strings (`15m`, `30s`) in the config file.
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -174,7 +196,7 @@ mod tests {
     #[test]
     fn a_file_overrides_named_tiers_only() {
         let c = OperatorConfig::from_yaml(
-            "tiers:\n  starter:\n    maxSprites: 3\n    minHeartbeatInterval: 10m\n    monthlyRuntimeHours: 1\n    idleTimeout: 45s\n    ratePerHourUsd: \"0.36\"\npipArgs: [--no-index, --find-links, /wheels]\nidleTail: 10s\n",
+            "tiers:\n  starter:\n    maxSprites: 3\n    minHeartbeatInterval: 10m\n    monthlyRuntime: 90m\n    idleTimeout: 45s\n    ratePerHourUsd: \"0.36\"\npipArgs: [--no-index, --find-links, /wheels]\nidleTail: 10s\n",
         )
         .unwrap();
         assert_eq!(c.tier(Tier::Starter).max_sprites, 3);

@@ -66,7 +66,20 @@ mod tests {
         for (file, crd) in crds() {
             let committed = std::fs::read_to_string(dir.join(file))
                 .unwrap_or_else(|e| panic!("crds/{file}: {e}; run `make crds`"));
-            assert_eq!(committed, to_yaml(&crd), "crds/{file} is stale: run `make crds`");
+            let generated = to_yaml(&crd);
+            if committed != generated {
+                let (n, (old, new)) = committed
+                    .lines()
+                    .chain(std::iter::repeat(""))
+                    .zip(generated.lines().chain(std::iter::repeat("")))
+                    .enumerate()
+                    .find(|(_, (a, b))| a != b)
+                    .expect("texts differ");
+                panic!(
+                    "crds/{file} is stale: run `make crds`\nfirst difference at line {}:\n  committed: {old}\n  generated: {new}",
+                    n + 1
+                );
+            }
         }
     }
 

@@ -393,6 +393,9 @@ pub struct SpriteStatus {
     pub estimated_cost: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<String>,
+    /// Usage in the current billing period (the UTC month); the User sums these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::api::user::Usage>,
     /// Wakes the operator caused (heartbeats and Immediate updates).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wakes: i64,

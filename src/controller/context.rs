@@ -25,6 +25,27 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system clock moved by an adjustable offset: lets a test (or a demo)
+/// jump to the end of the month while everything else keeps real pace.
+#[derive(Default)]
+pub struct OffsetClock {
+    offset_secs: std::sync::atomic::AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn set_offset(&self, offset: jiff::SignedDuration) {
+        self.offset_secs
+            .store(offset.as_secs(), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Timestamp {
+        let secs = self.offset_secs.load(std::sync::atomic::Ordering::SeqCst);
+        Timestamp::now() + jiff::SignedDuration::from_secs(secs)
+    }
+}
+
 pub struct Context {
     pub client: kube::Client,
     /// Publishes an Event for each transition (`kubectl describe sprite`).

@@ -7,6 +7,8 @@ pub mod metrics;
 pub mod plan;
 pub mod schedule;
 pub mod sprite;
+pub mod usage;
+pub mod user;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,17 +17,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Sprite, User};
-pub use context::{Clock, Context, SystemClock};
+pub use context::{Clock, Context, OffsetClock, SystemClock};
 pub use error::Error;
 
-/// Runs the Sprite controller until `shutdown` fires.
+/// Runs the Sprite and User controllers until `shutdown` fires.
 ///
 /// Besides Sprites it watches what a Sprite's decisions read: its runtime
 /// ConfigMap (drift), its User (suspension, budget, quota) and its sibling
@@ -48,7 +50,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     );
     let store = controller.store();
     let (by_cm, by_user, by_sibling) = (store.clone(), store.clone(), store);
-    controller
+    let user_shutdown = shutdown.clone();
+    let sprites = controller
         .watches(
             api::<ConfigMap>(client, &namespace),
             watcher::Config::default(),
@@ -85,9 +88,31 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             },
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(sprite::reconcile, sprite::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .run(sprite::reconcile, sprite::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    // Users own their primary Sprite and gateway Secret, and roll up the
+    // usage of every Sprite that names them.
+    let users = Controller::new(
+        api::<User>(client, &namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(api::<Secret>(client, &namespace), watcher::Config::default())
+    .watches(
+        api::<Sprite>(client, &namespace),
+        watcher::Config::default(),
+        |s| {
+            let ns = s.namespace()?;
+            s.spec
+                .user_ref
+                .as_ref()
+                .map(|r| ObjectRef::<User>::new(&r.name).within(&ns))
+        },
+    )
+    .graceful_shutdown_on(async move { user_shutdown.cancelled().await })
+    .run(user::reconcile, user::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    futures::join!(sprites, users);
 }
 
 /// Sprites in `ns` (from the controller's own cache) for which `pred` holds.

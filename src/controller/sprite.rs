@@ -123,6 +123,7 @@ struct Observed {
     skipped: Option<SkipReason>,
     rate: MicroUsd,
     clamped: bool,
+    suspend_reason: Option<(&'static str, String)>,
 }
 
 async fn observe(
@@ -171,6 +172,18 @@ async fn observe(
         u.spec.suspend || u.status.as_ref().and_then(|s| s.phase) == Some(UserPhase::OverBudget)
     });
     let suspended = sprite.spec.suspend || user_suspended;
+    let suspend_reason = if sprite.spec.suspend {
+        Some(("SpecSuspend", "spec.suspend is true".to_string()))
+    } else if user.as_ref().is_some_and(|u| u.spec.suspend) {
+        Some(("UserSuspended", "the User is suspended".to_string()))
+    } else if user_suspended {
+        Some((
+            "UserOverBudget",
+            "the User's monthly runtime budget is spent; heartbeats resume next month".to_string(),
+        ))
+    } else {
+        None
+    };
 
     let min_interval = tier.as_ref().map_or(Duration::ZERO, |t| t.min_heartbeat_interval);
     let rate = tier
@@ -259,6 +272,7 @@ async fn observe(
         skipped,
         rate,
         clamped,
+        suspend_reason,
     })
 }
 
@@ -457,7 +471,7 @@ async fn perform(
                 // VM sleeps again (decision 9). An upper bound: the entry may
                 // have finished early.
                 let seconds = (ran + ctx.config.idle_tail).as_secs() as i64;
-                account(status, seconds, observed.rate);
+                account(status, seconds, observed.rate, now);
             }
             Ok(true)
         }
@@ -481,7 +495,8 @@ fn count_wake(ctx: &Context, status: &mut SpriteStatus, cause: &'static str) {
         .inc();
 }
 
-fn account(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd) {
+fn account(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd, now: Timestamp) {
+    status.usage = Some(super::usage::add(status.usage.as_ref(), now, seconds, rate));
     status.runtime_seconds += seconds;
     let before: MicroUsd = status
         .estimated_cost
@@ -925,6 +940,15 @@ fn derive_conditions(
         remove_condition(&mut status.conditions, "HeartbeatScheduled");
     }
 
+    match &o.suspend_reason {
+        Some((reason, message)) => set(
+            status,
+            DesiredCondition::new("Suspended", true, reason, message.clone()),
+        ),
+        None => {
+            remove_condition(&mut status.conditions, "Suspended");
+        }
+    }
     let ready = created && bootstrapped && server_running && !f.suspended;
     let attempts = status.bootstrap.as_ref().map_or(0, |b| b.attempts);
     let phase = if f.deleting {
@@ -1080,8 +1104,10 @@ mod tests {
     #[test]
     fn accounting_adds_exact_money() {
         let mut s = SpriteStatus::default();
-        account(&mut s, 150, MicroUsd(180_000));
-        account(&mut s, 150, MicroUsd(180_000));
+        let now: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        account(&mut s, 150, MicroUsd(180_000), now);
+        account(&mut s, 150, MicroUsd(180_000), now);
+        assert_eq!(s.usage.as_ref().unwrap().runtime_seconds, 300);
         assert_eq!(s.runtime_seconds, 300);
         assert_eq!(s.estimated_cost.as_deref(), Some("0.015000"));
     }

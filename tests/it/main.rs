@@ -6,3 +6,4 @@ mod common;
 mod control_plane;
 mod sprite_controller;
 mod sprite_lifecycle;
+mod user_controller;

@@ -28,6 +28,7 @@ pub struct Env {
     _data_dir: tempfile::TempDir,
     controller: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     pub config: OperatorConfig,
+    pub clock: Arc<dyn controller::Clock>,
 }
 
 /// pip arguments that install from the wheelhouse `make test` prepared, so
@@ -50,6 +51,15 @@ impl Env {
     }
 
     pub async fn with_sim(prefix: &str, tune: impl FnOnce(SimConfig) -> SimConfig) -> Option<Env> {
+        Self::with(prefix, tune, test_config(), Arc::new(controller::SystemClock)).await
+    }
+
+    pub async fn with(
+        prefix: &str,
+        tune: impl FnOnce(SimConfig) -> SimConfig,
+        config: OperatorConfig,
+        clock: Arc<dyn controller::Clock>,
+    ) -> Option<Env> {
         let ns = TestNs::new(prefix).await?;
         let data_dir = tempfile::tempdir().unwrap();
         let mut cfg = SimConfig::new(data_dir.path(), SIM_TOKEN);
@@ -62,7 +72,8 @@ impl Env {
             sprites,
             _data_dir: data_dir,
             controller: None,
-            config: test_config(),
+            config,
+            clock,
         };
         env.start_controller();
         Some(env)
@@ -77,7 +88,7 @@ impl Env {
             self.ns.client.clone(),
             self.sprites.clone(),
             self.config.clone(),
-            Arc::new(controller::SystemClock),
+            self.clock.clone(),
         ));
         let token = CancellationToken::new();
         let handle = tokio::spawn(controller::run(ctx, Some(self.ns.name.clone()), token.clone()));

@@ -1,0 +1,329 @@
+//! The User reconciler: the user's gateway token Secret, their primary
+//! Sprite from the template, and the month's usage against the tier's
+//! budget. Quota and suspension are enforced by the Sprite reconciler, which
+//! reads the User; this one publishes what it needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use rand::RngCore;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::context::Context;
+use super::error::Error;
+use super::usage;
+use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
+use crate::api::user::{SecretRef, Usage, UserPhase};
+use crate::api::{Sprite, User, UserStatus};
+use crate::config::TierLimits;
+
+pub const MANAGER: &str = "sprite-operator-user";
+const RESYNC: Duration = Duration::from_secs(60);
+pub const TOKEN_KEY: &str = "token";
+
+pub fn primary_sprite_name(user: &str) -> String {
+    format!("{user}-primary")
+}
+
+pub fn gateway_secret_name(user: &str) -> String {
+    format!("{user}-gateway")
+}
+
+/// Hex SHA-256 of a gateway token: what status publishes and the relay
+/// compares (decision 8).
+pub fn token_sha256(token: &[u8]) -> String {
+    hex::encode(Sha256::digest(token))
+}
+
+/// Whether the period's usage has spent the tier's budget.
+pub fn over_budget(usage: &Usage, tier: &TierLimits) -> bool {
+    tier.monthly_budget_seconds()
+        .is_some_and(|b| usage.runtime_seconds >= b)
+}
+
+pub fn phase(suspend: bool, over_budget: bool, ready: bool) -> UserPhase {
+    if suspend {
+        UserPhase::Suspended
+    } else if over_budget {
+        UserPhase::OverBudget
+    } else if ready {
+        UserPhase::Active
+    } else {
+        UserPhase::Pending
+    }
+}
+
+/// When to look again: at the period boundary (usage resets) or the resync.
+pub fn requeue_after(now: Timestamp) -> Duration {
+    let to_boundary = Duration::try_from(usage::next_period_start(now).duration_since(now)).unwrap_or(RESYNC);
+    to_boundary.clamp(Duration::from_millis(100), RESYNC)
+}
+
+fn owner_ref(user: &User) -> OwnerReference {
+    user.controller_owner_ref(&())
+        .expect("a User read from the API has a uid")
+}
+
+pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&super::metrics::KindLabels { kind: "User" })
+        .inc();
+    let ns = user.namespace().unwrap_or_else(|| "default".into());
+    let name = user.name_any();
+    let now = ctx.clock.now();
+    let tier = ctx.config.tier(user.spec.tier).clone();
+
+    let token_hash = ensure_gateway_secret(&ctx, &user, &ns).await?;
+    let primary_ok = ensure_primary_sprite(&ctx, &user, &ns).await?;
+
+    let sprites = Api::<Sprite>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    let mine: Vec<&Sprite> = sprites
+        .items
+        .iter()
+        .filter(|s| s.spec.user_ref.as_ref().is_some_and(|r| r.name == name))
+        .collect();
+    let period = usage::roll_up(mine.iter().filter_map(|s| s.status.as_ref()?.usage.as_ref()), now);
+    let spent = over_budget(&period, &tier);
+
+    let duplicates = Api::<User>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|u| u.spec.subject == user.spec.subject && u.uid() != user.uid())
+        .map(|u| format!("{}/{}", u.namespace().unwrap_or_default(), u.name_any()))
+        .collect::<Vec<_>>();
+
+    let mut status = user.status.clone().unwrap_or_default();
+    status.sprites = mine.len() as i32;
+    status.usage = Some(period.clone());
+    status.gateway_secret_ref = Some(SecretRef {
+        name: gateway_secret_name(&name),
+    });
+    status.gateway_token_sha256 = Some(token_hash);
+    let new_phase = phase(user.spec.suspend, spent, primary_ok);
+    status.phase = Some(new_phase);
+    status.observed_generation = user.metadata.generation;
+
+    let (generation, t) = (user.metadata.generation, Time(now));
+    let budget_msg = match tier.monthly_budget_seconds() {
+        Some(b) => format!("{} of {} s used this month", period.runtime_seconds, b),
+        None => format!(
+            "{} s used this month; the tier has no budget",
+            period.runtime_seconds
+        ),
+    };
+    set_condition(
+        &mut status.conditions,
+        if spent {
+            DesiredCondition::new("WithinBudget", false, "BudgetExhausted", budget_msg)
+        } else {
+            DesiredCondition::new("WithinBudget", true, "WithinBudget", budget_msg)
+        },
+        generation,
+        t.clone(),
+    );
+    if duplicates.is_empty() {
+        remove_condition(&mut status.conditions, "DuplicateSubject");
+    } else {
+        set_condition(
+            &mut status.conditions,
+            DesiredCondition::new(
+                "DuplicateSubject",
+                true,
+                "SubjectShared",
+                format!(
+                    "subject also used by {}; the relay refuses it",
+                    duplicates.join(", ")
+                ),
+            ),
+            generation,
+            t.clone(),
+        );
+    }
+    let ready = new_phase == UserPhase::Active;
+    set_condition(
+        &mut status.conditions,
+        DesiredCondition::new(
+            "Ready",
+            ready,
+            match new_phase {
+                UserPhase::Active => "Active",
+                UserPhase::Suspended => "Suspended",
+                UserPhase::OverBudget => "OverBudget",
+                UserPhase::Pending => "Pending",
+            },
+            format!("phase {new_phase:?}"),
+        ),
+        generation,
+        t,
+    );
+
+    if user.status.as_ref() != Some(&status) {
+        let old_phase = user.status.as_ref().and_then(|s| s.phase);
+        write_status(&ctx, &user, &ns, status).await?;
+        if old_phase != Some(new_phase) {
+            info!(user = %name, namespace = %ns, phase = ?new_phase, "user phase changed");
+            let ev = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Normal,
+                reason: "PhaseChanged".into(),
+                note: Some(format!("{old_phase:?} -> {new_phase:?}")),
+                action: "reconcile".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&ev, &user.object_ref(&())).await;
+        }
+    }
+    Ok(Action::requeue(requeue_after(now)))
+}
+
+pub fn error_policy(_user: Arc<User>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabels {
+            kind: "User",
+            reason: err.metric_label(),
+        })
+        .inc();
+    Action::requeue(err.backoff(2))
+}
+
+/// The gateway Secret exists (created with a fresh random token when it does
+/// not: deleting it rotates the token). Returns the token's hash.
+async fn ensure_gateway_secret(ctx: &Context, user: &User, ns: &str) -> Result<String, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = gateway_secret_name(&user.name_any());
+    if let Some(s) = secrets.get_opt(&name).await? {
+        let token = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(TOKEN_KEY))
+            .ok_or_else(|| Error::Secret(format!("{name} has no key {TOKEN_KEY}")))?;
+        return Ok(token_sha256(&token.0));
+    }
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "ownerReferences": [owner_ref(user)],
+            "labels": {"app.kubernetes.io/managed-by": "sprite-operator", "sprite-operator.dev/user": user.name_any()},
+        },
+        "type": "Opaque",
+    }))
+    .expect("static secret shape");
+    let secret = Secret {
+        data: Some([(TOKEN_KEY.to_string(), ByteString(token.clone().into_bytes()))].into()),
+        ..secret
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(user = %user.name_any(), secret = %name, "gateway token issued");
+            Ok(token_sha256(token.as_bytes()))
+        }
+        // Created by a concurrent pass: read what won.
+        Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(ensure_gateway_secret(ctx, user, ns)).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the primary Sprite from the template. Returns whether the User's
+/// Sprite side is in place (true when there is no template).
+async fn ensure_primary_sprite(ctx: &Context, user: &User, ns: &str) -> Result<bool, Error> {
+    let Some(template) = &user.spec.sprite else {
+        return Ok(true);
+    };
+    let name = primary_sprite_name(&user.name_any());
+    let mut spec = serde_json::to_value(template).expect("template serialises");
+    spec["userRef"] = json!({"name": user.name_any()});
+    let desired = json!({
+        "apiVersion": "sprite-operator.dev/v1alpha1",
+        "kind": "Sprite",
+        "metadata": {
+            "name": name,
+            "ownerReferences": [owner_ref(user)],
+            "labels": {"sprite-operator.dev/user": user.name_any()},
+        },
+        "spec": spec,
+    });
+    Api::<Sprite>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await?;
+    Ok(true)
+}
+
+async fn write_status(ctx: &Context, user: &User, ns: &str, status: UserStatus) -> Result<(), Error> {
+    let patch = json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "status": status});
+    Api::<User>::namespaced(ctx.client.clone(), ns)
+        .patch_status(
+            &user.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Tier;
+    use crate::config::OperatorConfig;
+
+    fn usage(secs: i64) -> Usage {
+        Usage {
+            period_start: Time("2026-11-01T00:00:00Z".parse().unwrap()),
+            runtime_seconds: secs,
+            estimated_cost: "0.000000".into(),
+        }
+    }
+
+    #[test]
+    fn budget_is_per_tier_and_enterprise_has_none() {
+        let c = OperatorConfig::default();
+        assert!(!over_budget(&usage(10 * 3600 - 1), c.tier(Tier::Free)));
+        assert!(over_budget(&usage(10 * 3600), c.tier(Tier::Free)));
+        assert!(!over_budget(&usage(i64::MAX / 2), c.tier(Tier::Enterprise)));
+    }
+
+    #[test]
+    fn phase_precedence_is_suspend_then_budget() {
+        assert_eq!(phase(true, true, true), UserPhase::Suspended);
+        assert_eq!(phase(false, true, true), UserPhase::OverBudget);
+        assert_eq!(phase(false, false, true), UserPhase::Active);
+        assert_eq!(phase(false, false, false), UserPhase::Pending);
+    }
+
+    #[test]
+    fn token_hash_is_hex_sha256() {
+        assert_eq!(
+            token_sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn requeue_comes_back_at_the_month_boundary() {
+        let now: Timestamp = "2026-11-30T23:59:50Z".parse().unwrap();
+        assert_eq!(requeue_after(now), Duration::from_secs(10));
+        let now: Timestamp = "2026-11-15T00:00:00Z".parse().unwrap();
+        assert_eq!(requeue_after(now), RESYNC);
+    }
+}
