@@ -142,7 +142,9 @@ pub struct Session {
     pub created: SystemTime,
     pgid: i32,
     attached: Mutex<Option<mpsc::Sender<Out>>>,
-    stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Unbounded: a bounded queue here could block the socket loop, which also drains the
+    /// output that the child may be blocked on (a deadlock with `cat` and large input).
+    stdin: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
     exit: watch::Receiver<Option<u8>>,
     /// Bumped at each attach, so a stale disconnect timer does not kill a re-attached session.
     attach_gen: AtomicU64,
@@ -223,7 +225,7 @@ async fn spawn(
         .id()
         .ok_or_else(|| std::io::Error::other("child exited at once"))? as i32;
     let (exit_tx, exit_rx) = watch::channel(None);
-    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Bytes>(16);
+    let (stdin_tx, mut stdin_rx) = mpsc::unbounded_channel::<Bytes>();
     let (out_tx, out_rx) = mpsc::channel(64);
     let session = Arc::new(Session {
         id: pid.to_string(),
@@ -471,9 +473,8 @@ async fn serve(
             msg = rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match Frame::decode(&b) {
                     Ok(Frame::Stdin(data)) => {
-                        let stdin = lock(&session.stdin).clone();
-                        if let Some(s) = stdin {
-                            let _ = s.send(data).await;
+                        if let Some(s) = lock(&session.stdin).as_ref() {
+                            let _ = s.send(data);
                         }
                     }
                     Ok(Frame::StdinEof) => drop(lock(&session.stdin).take()),

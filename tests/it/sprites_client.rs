@@ -138,7 +138,9 @@ async fn exec_exit_codes_output_env_cwd_stdin() {
         b"made\n"
     );
 
-    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    // More than every buffer on the way (frames, channels, pipes) holds: stdin and output must flow
+    // at the same time.
+    let input: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let out = t
         .client
         .exec_collect("exec-a", &ExecRequest::new(["cat"]).stdin(input.clone()))
