@@ -58,7 +58,7 @@ demo: build ## Run everything locally on the embedded simulator (Ctrl-C stops)
 
 .PHONY: bench
 bench: ## Run the benchmarks and print their figures
-	@echo "no benchmarks yet"; exit 1
+	$(CARGO) bench --bench sim_client
 
 .PHONY: e2e-kind
 e2e-kind: ## End-to-end tests in a kind cluster built offline

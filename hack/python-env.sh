@@ -9,14 +9,18 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SPRITE_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sprite-operator}
 python=${PYTHON:-python3}
-key=$(cat "$here/sprite/requirements.txt" "$here/sprite/requirements-dev.txt" | sha256sum | cut -c1-16)
+# The venv also holds the official sprites-py SDK for the simulator's conformance suite.
+reqs=("$here/sprite/requirements.txt" "$here/sprite/requirements-dev.txt" "$here/tests/conformance/requirements.txt")
+key=$(cat "${reqs[@]}" | sha256sum | cut -c1-16)
 venv="$cache/venv-$key"
 wheels="$cache/wheelhouse-$key"
 if [ ! -x "$venv/bin/pytest" ]; then
   echo "[python-env] creating $venv" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q -r "$here/sprite/requirements.txt" -r "$here/sprite/requirements-dev.txt" >&2
+  args=()
+  for r in "${reqs[@]}"; do args+=(-r "$r"); done
+  "$venv/bin/pip" install -q "${args[@]}" >&2
 fi
 if [ ! -f "$wheels/.complete" ]; then
   echo "[python-env] downloading wheelhouse into $wheels" >&2

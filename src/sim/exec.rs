@@ -28,6 +28,8 @@ use crate::sprites::{Session as SessionView, SessionList};
 const READ_CHUNK: usize = 32 * 1024;
 /// Non-TTY default of `max_run_after_disconnect` (documented).
 const DEFAULT_MAX_RUN: Duration = Duration::from_secs(10);
+/// How long to wait for the client's close after the exit frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The exec query, parsed.
@@ -140,7 +142,9 @@ pub struct Session {
     pub created: SystemTime,
     pgid: i32,
     attached: Mutex<Option<mpsc::Sender<Out>>>,
-    stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Unbounded: a bounded queue here could block the socket loop, which also drains the
+    /// output that the child may be blocked on (a deadlock with `cat` and large input).
+    stdin: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
     exit: watch::Receiver<Option<u8>>,
     /// Bumped at each attach, so a stale disconnect timer does not kill a re-attached session.
     attach_gen: AtomicU64,
@@ -192,7 +196,12 @@ impl Session {
 }
 
 /// Starts the command in the VM; the session is registered and its output waits for a socket.
-async fn spawn(sim: &Arc<Sim>, name: &str, p: &ExecParams) -> Result<Arc<Session>, std::io::Error> {
+/// The starting socket is attached from the first byte on, so fast commands lose no output.
+async fn spawn(
+    sim: &Arc<Sim>,
+    name: &str,
+    p: &ExecParams,
+) -> Result<(Arc<Session>, mpsc::Receiver<Out>, u64), std::io::Error> {
     let paths = sim.paths(name);
     let setup = ChildSetup::new(&paths.netns(), &paths.workspace(), &p.dir)?;
     let mut cmd = tokio::process::Command::new(&p.program);
@@ -216,7 +225,8 @@ async fn spawn(sim: &Arc<Sim>, name: &str, p: &ExecParams) -> Result<Arc<Session
         .id()
         .ok_or_else(|| std::io::Error::other("child exited at once"))? as i32;
     let (exit_tx, exit_rx) = watch::channel(None);
-    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Bytes>(16);
+    let (stdin_tx, mut stdin_rx) = mpsc::unbounded_channel::<Bytes>();
+    let (out_tx, out_rx) = mpsc::channel(64);
     let session = Arc::new(Session {
         id: pid.to_string(),
         vm: name.to_string(),
@@ -224,10 +234,10 @@ async fn spawn(sim: &Arc<Sim>, name: &str, p: &ExecParams) -> Result<Arc<Session
         workdir: p.dir.clone(),
         created: SystemTime::now(),
         pgid: pid,
-        attached: Mutex::new(None),
+        attached: Mutex::new(Some(out_tx)),
         stdin: Mutex::new(p.stdin.then_some(stdin_tx)),
         exit: exit_rx,
-        attach_gen: AtomicU64::new(0),
+        attach_gen: AtomicU64::new(1),
     });
     lock(&sim.sessions).insert(session.id.clone(), session.clone());
     if let Some(mut child_in) = child.stdin.take() {
@@ -261,7 +271,7 @@ async fn spawn(sim: &Arc<Sim>, name: &str, p: &ExecParams) -> Result<Arc<Session
         s2.forward(Out::Exit(code)).await;
         lock(&sim2.sessions).remove(&s2.id);
     });
-    Ok(session)
+    Ok((session, out_rx, 1))
 }
 
 fn pump<R>(session: Arc<Session>, mut reader: R, stdout: bool) -> tokio::task::JoinHandle<()>
@@ -347,7 +357,18 @@ async fn start(sim: Arc<Sim>, name: String, params: ExecParams, req: Request) ->
         .on_upgrade(move |socket| async move {
             let guard = sim.active_guard(&name);
             match spawn(&sim, &name, &params).await {
-                Ok(session) => serve(sim.clone(), socket, session, params.max_run, drop_after).await,
+                Ok((session, out, generation)) => {
+                    let attachment = (out, generation);
+                    serve(
+                        sim.clone(),
+                        socket,
+                        session,
+                        attachment,
+                        params.max_run,
+                        drop_after,
+                    )
+                    .await
+                }
                 Err(e) => refuse(socket, &params, e).await,
             }
             drop(guard);
@@ -367,7 +388,16 @@ async fn attach(sim: Arc<Sim>, name: String, id: String, req: Request) -> Result
     let drop_after = lock(&sim.faults).drop_after(Class::Exec);
     Ok(ws.on_upgrade(move |socket| async move {
         let guard = sim.active_guard(&name);
-        serve(sim.clone(), socket, session, DEFAULT_MAX_RUN, drop_after).await;
+        let attachment = session.attach();
+        serve(
+            sim.clone(),
+            socket,
+            session,
+            attachment,
+            DEFAULT_MAX_RUN,
+            drop_after,
+        )
+        .await;
         drop(guard);
     }))
 }
@@ -412,11 +442,11 @@ async fn serve(
     sim: Arc<Sim>,
     socket: WebSocket,
     session: Arc<Session>,
+    (mut out, generation): (mpsc::Receiver<Out>, u64),
     max_run: Duration,
     drop_after: Option<Duration>,
 ) {
     let (mut tx, mut rx) = socket.split();
-    let (mut out, generation) = session.attach();
     if tx
         .send(Message::Text(session_info(&session.id, &session.command).into()))
         .await
@@ -443,9 +473,8 @@ async fn serve(
             msg = rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match Frame::decode(&b) {
                     Ok(Frame::Stdin(data)) => {
-                        let stdin = lock(&session.stdin).clone();
-                        if let Some(s) = stdin {
-                            let _ = s.send(data).await;
+                        if let Some(s) = lock(&session.stdin).as_ref() {
+                            let _ = s.send(data);
                         }
                     }
                     Ok(Frame::StdinEof) => drop(lock(&session.stdin).take()),
@@ -482,6 +511,16 @@ async fn serve(
             reason: "".into(),
         };
         let _ = tx.send(Message::Close(Some(close))).await;
+        // Finish the closing handshake: dropping the socket with the client's last frames (its
+        // stdin EOF) unread would reset the connection before the client read the exit frame.
+        let drain = async {
+            while let Some(Ok(m)) = rx.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
         return;
     }
     // The socket went away first: stdin ends, and the process lives on for max_run.

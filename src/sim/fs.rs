@@ -99,6 +99,7 @@ fn io_error(e: std::io::Error, path: &str) -> ApiError {
         ErrorKind::DirectoryNotEmpty => (StatusCode::BAD_REQUEST, "ENOTEMPTY"),
         ErrorKind::AlreadyExists => (StatusCode::BAD_REQUEST, "EEXIST"),
         ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "EACCES"),
+        ErrorKind::InvalidInput | ErrorKind::InvalidFilename => (StatusCode::BAD_REQUEST, "EINVAL"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "EIO"),
     };
     ApiError::fs(status, code, format!("{path}: {e}"), path)
