@@ -34,7 +34,7 @@ test: ## Run all tests: unit, runtime (pytest), integration on a real kube-apise
 	"$$VENV/bin/python" -m pytest -q sprite/tests; \
 	echo "[test] cargo tests"; \
 	KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" SPRITE_PYTHON="$$VENV/bin/python" \
-	  $(CARGO) test --all-targets -- --test-threads=4; \
+	  $(CARGO) test --lib --bins --tests -- --test-threads=4; \
 	echo "[test] all tests passed in $$(( $$(date +%s) - t0 ))s"
 
 .PHONY: lint
