@@ -7,8 +7,10 @@ pub mod metrics;
 pub mod plan;
 pub mod schedule;
 pub mod sprite;
+mod sprite_status;
 pub mod usage;
 pub mod user;
+mod vm_ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -17,18 +16,19 @@ use tracing::{info, warn};
 use super::context::Context;
 use super::error::Error;
 use super::metrics::{StepLabels, WakeLabels};
-use super::plan::{self, BlockedReason, Facts, ObservedVm, Step};
+use super::plan::{self, Facts, ObservedVm, Step};
 use super::schedule::{Schedule, SkipReason, decide};
-use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
+use super::sprite_status::{derive_conditions, publish_events, write_status_if_changed};
+use super::vm_ops::{base_exec, bootstrap_step, start_server, update};
 use crate::api::sprite::{
     ADOPT_ANNOTATION, ActiveHeartbeat, BootstrapStatus, BootstrapStep, FINALIZER, SESSION_ANNOTATION,
-    SpritePhase, UID_LABEL_PREFIX,
+    UID_LABEL_PREFIX,
 };
 use crate::api::user::UserPhase;
 use crate::api::{Sprite, SpriteStatus, User};
 use crate::money::MicroUsd;
-use crate::runtime::{self, FileKind, RuntimeBundle};
-use crate::sprites::{self, ExecRequest};
+use crate::runtime::{self, RuntimeBundle};
+use crate::sprites;
 
 pub const MANAGER: &str = "sprite-operator";
 /// Re-check converged Sprites this often even without events.
@@ -36,8 +36,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Come back soon after a step that made progress.
 const PROGRESS: Duration = Duration::from_millis(200);
 /// Bootstrap attempts in a row before the phase says Failed (it still retries).
-const FAILED_AFTER_ATTEMPTS: i32 = 3;
-const EXEC_PATH: &str = "/workspace/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(super) const FAILED_AFTER_ATTEMPTS: i32 = 3;
 
 pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics
@@ -113,17 +112,17 @@ pub fn error_policy(sprite: Arc<Sprite>, err: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// Everything the decision needs, plus what the steps reuse.
-struct Observed {
-    facts: Facts,
-    vm: Option<sprites::Sprite>,
-    bundle: Option<RuntimeBundle>,
-    bundle_error: Option<String>,
-    schedule: Option<Schedule>,
-    schedule_error: Option<String>,
-    skipped: Option<SkipReason>,
-    rate: MicroUsd,
-    clamped: bool,
-    suspend_reason: Option<(&'static str, String)>,
+pub(super) struct Observed {
+    pub(super) facts: Facts,
+    pub(super) vm: Option<sprites::Sprite>,
+    pub(super) bundle: Option<RuntimeBundle>,
+    pub(super) bundle_error: Option<String>,
+    pub(super) schedule: Option<Schedule>,
+    pub(super) schedule_error: Option<String>,
+    pub(super) skipped: Option<SkipReason>,
+    pub(super) rate: MicroUsd,
+    pub(super) clamped: bool,
+    pub(super) suspend_reason: Option<(&'static str, String)>,
 }
 
 async fn observe(
@@ -510,254 +509,6 @@ fn account(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd, now: Timesta
     );
 }
 
-fn base_exec(cmd: Vec<String>) -> ExecRequest {
-    ExecRequest::new(cmd)
-        .env("PATH", EXEC_PATH)
-        .env("HOME", runtime::WORKSPACE)
-        .env("SPRITE_WORKSPACE", runtime::WORKSPACE)
-        .dir(runtime::WORKSPACE)
-}
-
-async fn run(ctx: &Context, vm: &str, step: &str, cmd: Vec<String>) -> Result<(), Error> {
-    let out = ctx.sprites.exec_collect(vm, &base_exec(cmd)).await?;
-    if out.exit_code != 0 {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr
-            .chars()
-            .rev()
-            .take(400)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        return Err(Error::Command {
-            step: step.to_string(),
-            code: out.exit_code,
-            stderr: tail,
-        });
-    }
-    Ok(())
-}
-
-fn sh(script: String) -> Vec<String> {
-    vec!["sh".into(), "-c".into(), script]
-}
-
-fn pip_install(ctx: &Context) -> Vec<String> {
-    let mut cmd: Vec<String> = vec![
-        "/workspace/.venv/bin/pip".into(),
-        "install".into(),
-        "-q".into(),
-        "--disable-pip-version-check".into(),
-    ];
-    cmd.extend(ctx.config.pip_args.iter().cloned());
-    cmd.extend(["-r".into(), runtime::REQUIREMENTS_PATH.into()]);
-    cmd
-}
-
-/// Writes files concurrently: the filesystem API takes one file per call,
-/// so independent uploads are the fewest sequential round trips.
-async fn write_files<'a>(
-    ctx: &Context,
-    vm: &str,
-    files: impl Iterator<Item = &'a runtime::RuntimeFile>,
-) -> Result<(), Error> {
-    let writes = files.map(|f| {
-        ctx.sprites
-            .write_file(vm, &f.path, f.contents.clone(), 0o644, true)
-    });
-    for r in futures::future::join_all(writes).await {
-        r?;
-    }
-    Ok(())
-}
-
-async fn bootstrap_step(
-    ctx: &Context,
-    vm: &str,
-    step: BootstrapStep,
-    bundle: &RuntimeBundle,
-) -> Result<(), Error> {
-    match step {
-        BootstrapStep::Directories => {
-            let mut cmd = vec!["mkdir".to_string(), "-p".to_string()];
-            cmd.extend(runtime::DIRECTORIES.iter().map(|d| d.to_string()));
-            run(ctx, vm, "directories", cmd).await
-        }
-        BootstrapStep::Venv => {
-            // Ubuntu on Sprites.dev may lack python3-venv; install it only then.
-            let script = "test -x /workspace/.venv/bin/python3 || python3 -m venv /workspace/.venv || \
-                          { sudo apt-get install -y python3-venv && python3 -m venv /workspace/.venv; }";
-            run(ctx, vm, "venv", sh(script.into())).await
-        }
-        BootstrapStep::Requirements => write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await,
-        BootstrapStep::PipInstall => run(ctx, vm, "pip install", pip_install(ctx)).await,
-        BootstrapStep::RuntimeFiles => write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await,
-        BootstrapStep::Schema => {
-            if !bundle.has_db_init() {
-                return Ok(());
-            }
-            run(
-                ctx,
-                vm,
-                "schema",
-                vec![
-                    runtime::VENV_PYTHON.into(),
-                    "/workspace/src/db.py".into(),
-                    "init".into(),
-                ],
-            )
-            .await
-        }
-        BootstrapStep::MemoryTemplates => write_missing_templates(ctx, vm, bundle).await,
-        BootstrapStep::Version => {
-            ctx.sprites
-                .write_file(
-                    vm,
-                    runtime::VERSION_PATH,
-                    format!("{}\n", bundle.version).into_bytes(),
-                    0o644,
-                    true,
-                )
-                .await?;
-            Ok(())
-        }
-    }
-}
-
-/// Memory files belong to the user once written: templates only fill gaps.
-async fn write_missing_templates(ctx: &Context, vm: &str, bundle: &RuntimeBundle) -> Result<(), Error> {
-    let existing: Vec<String> = match ctx.sprites.list_dir(vm, "/workspace/memory").await {
-        Ok(entries) => entries.into_iter().map(|e| e.path).collect(),
-        Err(sprites::Error::NotFound { .. }) => vec![],
-        Err(e) => return Err(e.into()),
-    };
-    let missing = bundle
-        .of_kind(FileKind::MemoryTemplate)
-        .filter(|f| !existing.iter().any(|p| p == &f.path));
-    write_files(ctx, vm, missing).await
-}
-
-/// Starts the runtime server detached, surviving the socket's close
-/// (`max_run_after_disconnect=0`). Its environment goes through a 0600 file,
-/// never through the exec URL (decision 6).
-async fn start_server(sprite: &Sprite, ctx: &Context, vm: &str) -> Result<String, Error> {
-    let ns = sprite.namespace().unwrap_or_default();
-    let server = &sprite.spec.template.server;
-    let mut lines = vec![format!("export SPRITE_PORT={}", server.port)];
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    for var in &server.env {
-        let value = match (&var.value, &var.value_from) {
-            (Some(v), _) => v.clone(),
-            (None, Some(from)) => {
-                secret_value(&secrets, &from.secret_key_ref.name, &from.secret_key_ref.key).await?
-            }
-            (None, None) => String::new(),
-        };
-        lines.push(format!("export {}={}", var.name, shell_quote(&value)));
-    }
-    let body = lines.join("\n") + "\n";
-    ctx.sprites
-        .write_file(vm, runtime::SERVER_ENV_PATH, body.into_bytes(), 0o600, true)
-        .await?;
-    let mut cmd = sh(format!(". {} && exec \"$@\"", runtime::SERVER_ENV_PATH));
-    cmd.push("sh".into());
-    cmd.extend(server.command.iter().cloned());
-    let req = base_exec(cmd).max_run_after_disconnect(Duration::ZERO);
-    let id = ctx.sprites.exec_detached(vm, &req).await?;
-    info!(sprite = %sprite.name_any(), session = %id, "runtime server started");
-    Ok(id)
-}
-
-async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
-    let secret = secrets
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| Error::Secret(format!("{name} not found")))?;
-    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
-        return String::from_utf8(v.0.clone())
-            .map_err(|_| Error::Secret(format!("{name}/{key} is not UTF-8")));
-    }
-    if let Some(v) = secret.string_data.as_ref().and_then(|d| d.get(key)) {
-        return Ok(v.clone());
-    }
-    Err(Error::Secret(format!("{name} has no key {key}")))
-}
-
-fn shell_quote(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "'\\''"))
-}
-
-/// Moves a bootstrapped VM to the desired runtime: checkpoint, files, pip,
-/// schema, server restart, VERSION last; on failure restore the checkpoint.
-async fn update(
-    sprite: &Sprite,
-    ctx: &Context,
-    vm: &str,
-    bundle: &RuntimeBundle,
-    status: &mut SpriteStatus,
-) -> Result<(), Error> {
-    let policy = &sprite.spec.template.update_policy;
-    let checkpoint = if policy.checkpoint_before_update {
-        let comment = format!("sprite-operator: before update to {}", bundle.version);
-        let id = ctx.sprites.create_checkpoint(vm, &comment).await?;
-        status.last_checkpoint = Some(id.clone());
-        Some(id)
-    } else {
-        None
-    };
-    let result = async {
-        write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await?;
-        run(ctx, vm, "pip install", pip_install(ctx)).await?;
-        write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await?;
-        if bundle.has_db_init() {
-            run(
-                ctx,
-                vm,
-                "schema",
-                vec![
-                    runtime::VENV_PYTHON.into(),
-                    "/workspace/src/db.py".into(),
-                    "init".into(),
-                ],
-            )
-            .await?;
-        }
-        write_missing_templates(ctx, vm, bundle).await?;
-        ctx.sprites
-            .write_file(
-                vm,
-                runtime::VERSION_PATH,
-                format!("{}\n", bundle.version).into_bytes(),
-                0o644,
-                true,
-            )
-            .await?;
-        Ok::<(), Error>(())
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            if let Some(id) = status.server_session_id.take() {
-                let _ = ctx.sprites.kill_session(vm, &id, "SIGTERM").await;
-            }
-            status.server_session_id = Some(start_server(sprite, ctx, vm).await?);
-            status.deployed_version = Some(bundle.version.clone());
-            info!(sprite = %sprite.name_any(), version = %bundle.version, "runtime updated");
-            Ok(())
-        }
-        Err(e) => {
-            if let (Some(id), true) = (&checkpoint, policy.rollback_on_failure) {
-                ctx.sprites.restore_checkpoint(vm, id).await?;
-                // Restore ends exec sessions, the server's included.
-                status.server_session_id = None;
-                warn!(sprite = %sprite.name_any(), checkpoint = %id, error = %e, "update failed; checkpoint restored");
-            }
-            Err(e)
-        }
-    }
-}
-
 async fn patch_finalizers(api: &Api<Sprite>, sprite: &Sprite, finalizers: Vec<String>) -> Result<(), Error> {
     // The resourceVersion makes this a compare-and-swap with other writers.
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": sprite.resource_version()}});
@@ -776,291 +527,6 @@ async fn remove_finalizer(api: &Api<Sprite>, sprite: &Sprite) -> Result<(), Erro
     patch_finalizers(api, sprite, rest).await
 }
 
-/// Conditions and phase from what was observed and what the step did.
-fn derive_conditions(
-    sprite: &Sprite,
-    o: &Observed,
-    step: &Step,
-    error: Option<&Error>,
-    status: &mut SpriteStatus,
-    now: Timestamp,
-) {
-    let generation = sprite.metadata.generation;
-    let t = Time(now);
-    let set = |status: &mut SpriteStatus, c: DesiredCondition| {
-        set_condition(&mut status.conditions, c, generation, t.clone());
-    };
-    let f = &o.facts;
-    let created = f.vm.as_ref().is_some_and(|v| v.ours) || matches!(step, Step::CreateVm) && error.is_none();
-    set(
-        status,
-        if created {
-            DesiredCondition::new("Created", true, "VmExists", "the VM exists on Sprites.dev")
-        } else {
-            DesiredCondition::new("Created", false, "VmMissing", "the VM has not been created yet")
-        },
-    );
-    let last = status.bootstrap.as_ref().and_then(|b| b.last_completed_step);
-    let bootstrapped = last == Some(BootstrapStep::Version);
-    set(
-        status,
-        if bootstrapped {
-            DesiredCondition::new("Bootstrapped", true, "Complete", "every bootstrap step completed")
-        } else if let Some(e) = error.filter(|_| matches!(step, Step::Bootstrap(_))) {
-            DesiredCondition::new("Bootstrapped", false, e.reason(), e.to_string())
-        } else {
-            DesiredCondition::new(
-                "Bootstrapped",
-                false,
-                "InProgress",
-                format!(
-                    "last completed step: {}",
-                    last.map_or("none".into(), |s| format!("{s:?}"))
-                ),
-            )
-        },
-    );
-    let server_running = status.server_session_id.is_some();
-    set(
-        status,
-        if server_running {
-            DesiredCondition::new("ServerRunning", true, "Started", "the runtime server was started")
-        } else if f.suspended {
-            DesiredCondition::new("ServerRunning", false, "Suspended", "the Sprite is suspended")
-        } else {
-            DesiredCondition::new(
-                "ServerRunning",
-                false,
-                "NotStarted",
-                "the runtime server is not running",
-            )
-        },
-    );
-    let previous_failure = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "UpToDate" && c.reason == "UpdateFailed")
-        .map(|c| c.message.clone());
-    let up_to_date = match (&o.bundle, &status.deployed_version) {
-        (None, _) => DesiredCondition::new(
-            "UpToDate",
-            false,
-            "VersionUnavailable",
-            o.bundle_error.clone().unwrap_or_default(),
-        ),
-        (Some(b), Some(have)) if *have == b.version => {
-            DesiredCondition::new("UpToDate", true, "Current", format!("running {have}"))
-        }
-        (Some(b), _) if matches!(step, Step::Update) && error.is_some() => DesiredCondition::new(
-            "UpToDate",
-            false,
-            "UpdateFailed",
-            format!(
-                "update to {} failed: {}",
-                b.version,
-                error.map(ToString::to_string).unwrap_or_default()
-            ),
-        ),
-        // A failed update of this version stays reported until a new version.
-        (Some(b), _) if previous_failure.as_ref().is_some_and(|m| m.contains(&b.version)) => {
-            DesiredCondition::new(
-                "UpToDate",
-                false,
-                "UpdateFailed",
-                previous_failure.clone().unwrap_or_default(),
-            )
-        }
-        (Some(b), Some(have)) => DesiredCondition::new(
-            "UpToDate",
-            false,
-            match f.update_type {
-                crate::api::sprite::UpdateType::Manual => "ManualUpdate",
-                crate::api::sprite::UpdateType::Immediate => "Updating",
-                crate::api::sprite::UpdateType::OnWake => "AwaitingWake",
-            },
-            format!("running {have}, desired {}", b.version),
-        ),
-        (Some(b), None) => {
-            DesiredCondition::new("UpToDate", false, "NotDeployed", format!("desired {}", b.version))
-        }
-    };
-    set(status, up_to_date);
-
-    match step {
-        Step::Blocked(BlockedReason::QuotaExceeded) => set(
-            status,
-            DesiredCondition::new(
-                "QuotaExceeded",
-                true,
-                "MaxSprites",
-                "the User's tier allows no more Sprites; this one waits for room",
-            ),
-        ),
-        _ if f.vm.is_some() || f.quota_admits => {
-            remove_condition(&mut status.conditions, "QuotaExceeded");
-        }
-        _ => {}
-    }
-    if matches!(step, Step::Blocked(BlockedReason::NameConflict)) {
-        set(
-            status,
-            DesiredCondition::new(
-                "NameConflict",
-                true,
-                "NotOurs",
-                "a VM with this name exists without this Sprite's UID label; it is left untouched",
-            ),
-        );
-    } else {
-        remove_condition(&mut status.conditions, "NameConflict");
-    }
-    if let Some(e) = &o.schedule_error {
-        set(
-            status,
-            DesiredCondition::new("HeartbeatScheduled", false, "InvalidSchedule", e.clone()),
-        );
-    } else if o.schedule.is_some() {
-        let c = if o.clamped || o.skipped == Some(SkipReason::TierInterval) {
-            DesiredCondition::new(
-                "HeartbeatScheduled",
-                true,
-                "ClampedByTier",
-                "the schedule is more frequent than the tier allows: closer ticks are skipped",
-            )
-        } else {
-            DesiredCondition::new(
-                "HeartbeatScheduled",
-                true,
-                "Scheduled",
-                "heartbeats follow the schedule",
-            )
-        };
-        set(status, c);
-    } else {
-        remove_condition(&mut status.conditions, "HeartbeatScheduled");
-    }
-
-    match &o.suspend_reason {
-        Some((reason, message)) => set(
-            status,
-            DesiredCondition::new("Suspended", true, reason, message.clone()),
-        ),
-        None => {
-            remove_condition(&mut status.conditions, "Suspended");
-        }
-    }
-    let ready = created && bootstrapped && server_running && !f.suspended;
-    let attempts = status.bootstrap.as_ref().map_or(0, |b| b.attempts);
-    let phase = if f.deleting {
-        SpritePhase::Deleting
-    } else if f.suspended && bootstrapped {
-        SpritePhase::Suspended
-    } else if error.is_some() && attempts >= FAILED_AFTER_ATTEMPTS {
-        SpritePhase::Failed
-    } else if matches!(step, Step::Update) {
-        SpritePhase::Updating
-    } else if ready {
-        SpritePhase::Active
-    } else if f.vm.is_none() && matches!(step, Step::Blocked(_)) {
-        SpritePhase::Pending
-    } else if f.vm.is_some() || matches!(step, Step::CreateVm) {
-        SpritePhase::Provisioning
-    } else {
-        SpritePhase::Pending
-    };
-    status.phase = Some(phase);
-    let reason = match phase {
-        SpritePhase::Active => "Active",
-        SpritePhase::Suspended => "Suspended",
-        SpritePhase::Failed => error.map_or("Failed", Error::reason),
-        _ => "NotReady",
-    };
-    set(
-        status,
-        DesiredCondition::new(
-            "Ready",
-            ready,
-            reason,
-            if ready {
-                "the VM is bootstrapped and its server started".to_string()
-            } else {
-                format!("phase {phase:?}")
-            },
-        ),
-    );
-    status.observed_generation = generation;
-}
-
-async fn write_status_if_changed(
-    api: &Api<Sprite>,
-    sprite: &Sprite,
-    status: SpriteStatus,
-) -> Result<(), Error> {
-    if sprite.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": "sprite-operator.dev/v1alpha1",
-        "kind": "Sprite",
-        "status": status,
-    });
-    api.patch_status(
-        &sprite.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn publish_events(
-    ctx: &Context,
-    sprite: &Sprite,
-    step: &Step,
-    outcome: &Result<bool, Error>,
-    old_phase: Option<SpritePhase>,
-    new_phase: Option<SpritePhase>,
-) {
-    let mut events = vec![];
-    match (step, outcome) {
-        (_, Err(e)) => events.push((EventType::Warning, e.reason(), e.to_string())),
-        (Step::CreateVm, Ok(_)) => events.push((EventType::Normal, "VmCreated", sprite.vm_name())),
-        (Step::Bootstrap(s), Ok(_)) => {
-            events.push((EventType::Normal, "BootstrapStepCompleted", format!("{s:?}")))
-        }
-        (Step::StartServer, Ok(_)) => events.push((EventType::Normal, "ServerStarted", String::new())),
-        (Step::StopServer, Ok(_)) => events.push((EventType::Normal, "ServerStopped", String::new())),
-        (Step::Update, Ok(_)) => events.push((EventType::Normal, "RuntimeUpdated", String::new())),
-        (Step::StartHeartbeat(t), Ok(_)) => {
-            events.push((EventType::Normal, "HeartbeatStarted", t.to_string()))
-        }
-        (Step::DeleteVm, Ok(_)) => events.push((EventType::Normal, "VmDeleted", sprite.vm_name())),
-        _ => {}
-    }
-    if old_phase != new_phase
-        && let Some(p) = new_phase
-    {
-        events.push((
-            EventType::Normal,
-            "PhaseChanged",
-            format!("{old_phase:?} -> {p:?}"),
-        ));
-    }
-    let reference = sprite.object_ref(&());
-    for (type_, reason, note) in events {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: (!note.is_empty()).then_some(note),
-            action: step_label(step).into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-            warn!(sprite = %sprite.name_any(), error = %e, "cannot publish event");
-        }
-    }
-}
-
 /// Converged: come back at the next heartbeat tick, or for the resync.
 fn idle_requeue(sprite: &Sprite, now: Timestamp) -> Duration {
     let next = sprite
@@ -1074,7 +540,7 @@ fn idle_requeue(sprite: &Sprite, now: Timestamp) -> Duration {
     }
 }
 
-fn step_label(step: &Step) -> &'static str {
+pub(super) fn step_label(step: &Step) -> &'static str {
     match step {
         Step::AddFinalizer => "add_finalizer",
         Step::DeleteVm => "delete_vm",
@@ -1094,12 +560,6 @@ fn step_label(step: &Step) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_quote_survives_quotes() {
-        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
-        assert_eq!(shell_quote("$HOME"), "'$HOME'");
-    }
 
     #[test]
     fn accounting_adds_exact_money() {

@@ -1,0 +1,278 @@
+//! Operations inside a VM: bootstrap steps, the runtime server, updates.
+//! Every function here acts through the Sprites.dev exec and filesystem APIs
+//! and therefore wakes the VM; callers decide when that is allowed.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use tracing::{info, warn};
+
+use super::context::Context;
+use super::error::Error;
+use crate::api::sprite::BootstrapStep;
+use crate::api::{Sprite, SpriteStatus};
+use crate::runtime::{self, FileKind, RuntimeBundle};
+use crate::sprites::{self, ExecRequest};
+
+const EXEC_PATH: &str = "/workspace/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub(super) fn base_exec(cmd: Vec<String>) -> ExecRequest {
+    ExecRequest::new(cmd)
+        .env("PATH", EXEC_PATH)
+        .env("HOME", runtime::WORKSPACE)
+        .env("SPRITE_WORKSPACE", runtime::WORKSPACE)
+        .dir(runtime::WORKSPACE)
+}
+
+async fn run(ctx: &Context, vm: &str, step: &str, cmd: Vec<String>) -> Result<(), Error> {
+    let out = ctx.sprites.exec_collect(vm, &base_exec(cmd)).await?;
+    if out.exit_code != 0 {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(Error::Command {
+            step: step.to_string(),
+            code: out.exit_code,
+            stderr: tail,
+        });
+    }
+    Ok(())
+}
+
+fn sh(script: String) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn pip_install(ctx: &Context) -> Vec<String> {
+    let mut cmd: Vec<String> = vec![
+        "/workspace/.venv/bin/pip".into(),
+        "install".into(),
+        "-q".into(),
+        "--disable-pip-version-check".into(),
+    ];
+    cmd.extend(ctx.config.pip_args.iter().cloned());
+    cmd.extend(["-r".into(), runtime::REQUIREMENTS_PATH.into()]);
+    cmd
+}
+
+/// Writes files concurrently: the filesystem API takes one file per call,
+/// so independent uploads are the fewest sequential round trips.
+async fn write_files<'a>(
+    ctx: &Context,
+    vm: &str,
+    files: impl Iterator<Item = &'a runtime::RuntimeFile>,
+) -> Result<(), Error> {
+    let writes = files.map(|f| {
+        ctx.sprites
+            .write_file(vm, &f.path, f.contents.clone(), 0o644, true)
+    });
+    for r in futures::future::join_all(writes).await {
+        r?;
+    }
+    Ok(())
+}
+
+pub(super) async fn bootstrap_step(
+    ctx: &Context,
+    vm: &str,
+    step: BootstrapStep,
+    bundle: &RuntimeBundle,
+) -> Result<(), Error> {
+    match step {
+        BootstrapStep::Directories => {
+            let mut cmd = vec!["mkdir".to_string(), "-p".to_string()];
+            cmd.extend(runtime::DIRECTORIES.iter().map(|d| d.to_string()));
+            run(ctx, vm, "directories", cmd).await
+        }
+        BootstrapStep::Venv => {
+            // Ubuntu on Sprites.dev may lack python3-venv; install it only then.
+            let script = "test -x /workspace/.venv/bin/python3 || python3 -m venv /workspace/.venv || \
+                          { sudo apt-get install -y python3-venv && python3 -m venv /workspace/.venv; }";
+            run(ctx, vm, "venv", sh(script.into())).await
+        }
+        BootstrapStep::Requirements => write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await,
+        BootstrapStep::PipInstall => run(ctx, vm, "pip install", pip_install(ctx)).await,
+        BootstrapStep::RuntimeFiles => write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await,
+        BootstrapStep::Schema => {
+            if !bundle.has_db_init() {
+                return Ok(());
+            }
+            run(
+                ctx,
+                vm,
+                "schema",
+                vec![
+                    runtime::VENV_PYTHON.into(),
+                    "/workspace/src/db.py".into(),
+                    "init".into(),
+                ],
+            )
+            .await
+        }
+        BootstrapStep::MemoryTemplates => write_missing_templates(ctx, vm, bundle).await,
+        BootstrapStep::Version => {
+            ctx.sprites
+                .write_file(
+                    vm,
+                    runtime::VERSION_PATH,
+                    format!("{}\n", bundle.version).into_bytes(),
+                    0o644,
+                    true,
+                )
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Memory files belong to the user once written: templates only fill gaps.
+async fn write_missing_templates(ctx: &Context, vm: &str, bundle: &RuntimeBundle) -> Result<(), Error> {
+    let existing: Vec<String> = match ctx.sprites.list_dir(vm, "/workspace/memory").await {
+        Ok(entries) => entries.into_iter().map(|e| e.path).collect(),
+        Err(sprites::Error::NotFound { .. }) => vec![],
+        Err(e) => return Err(e.into()),
+    };
+    let missing = bundle
+        .of_kind(FileKind::MemoryTemplate)
+        .filter(|f| !existing.iter().any(|p| p == &f.path));
+    write_files(ctx, vm, missing).await
+}
+
+/// Starts the runtime server detached, surviving the socket's close
+/// (`max_run_after_disconnect=0`). Its environment goes through a 0600 file,
+/// never through the exec URL (decision 6).
+pub(super) async fn start_server(sprite: &Sprite, ctx: &Context, vm: &str) -> Result<String, Error> {
+    let ns = sprite.namespace().unwrap_or_default();
+    let server = &sprite.spec.template.server;
+    let mut lines = vec![format!("export SPRITE_PORT={}", server.port)];
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    for var in &server.env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                secret_value(&secrets, &from.secret_key_ref.name, &from.secret_key_ref.key).await?
+            }
+            (None, None) => String::new(),
+        };
+        lines.push(format!("export {}={}", var.name, shell_quote(&value)));
+    }
+    let body = lines.join("\n") + "\n";
+    ctx.sprites
+        .write_file(vm, runtime::SERVER_ENV_PATH, body.into_bytes(), 0o600, true)
+        .await?;
+    let mut cmd = sh(format!(". {} && exec \"$@\"", runtime::SERVER_ENV_PATH));
+    cmd.push("sh".into());
+    cmd.extend(server.command.iter().cloned());
+    let req = base_exec(cmd).max_run_after_disconnect(Duration::ZERO);
+    let id = ctx.sprites.exec_detached(vm, &req).await?;
+    info!(sprite = %sprite.name_any(), session = %id, "runtime server started");
+    Ok(id)
+}
+
+async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
+    let secret = secrets
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Secret(format!("{name} not found")))?;
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone())
+            .map_err(|_| Error::Secret(format!("{name}/{key} is not UTF-8")));
+    }
+    if let Some(v) = secret.string_data.as_ref().and_then(|d| d.get(key)) {
+        return Ok(v.clone());
+    }
+    Err(Error::Secret(format!("{name} has no key {key}")))
+}
+
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+/// Moves a bootstrapped VM to the desired runtime: checkpoint, files, pip,
+/// schema, server restart, VERSION last; on failure restore the checkpoint.
+pub(super) async fn update(
+    sprite: &Sprite,
+    ctx: &Context,
+    vm: &str,
+    bundle: &RuntimeBundle,
+    status: &mut SpriteStatus,
+) -> Result<(), Error> {
+    let policy = &sprite.spec.template.update_policy;
+    let checkpoint = if policy.checkpoint_before_update {
+        let comment = format!("sprite-operator: before update to {}", bundle.version);
+        let id = ctx.sprites.create_checkpoint(vm, &comment).await?;
+        status.last_checkpoint = Some(id.clone());
+        Some(id)
+    } else {
+        None
+    };
+    let result = async {
+        write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await?;
+        run(ctx, vm, "pip install", pip_install(ctx)).await?;
+        write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await?;
+        if bundle.has_db_init() {
+            run(
+                ctx,
+                vm,
+                "schema",
+                vec![
+                    runtime::VENV_PYTHON.into(),
+                    "/workspace/src/db.py".into(),
+                    "init".into(),
+                ],
+            )
+            .await?;
+        }
+        write_missing_templates(ctx, vm, bundle).await?;
+        ctx.sprites
+            .write_file(
+                vm,
+                runtime::VERSION_PATH,
+                format!("{}\n", bundle.version).into_bytes(),
+                0o644,
+                true,
+            )
+            .await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            if let Some(id) = status.server_session_id.take() {
+                let _ = ctx.sprites.kill_session(vm, &id, "SIGTERM").await;
+            }
+            status.server_session_id = Some(start_server(sprite, ctx, vm).await?);
+            status.deployed_version = Some(bundle.version.clone());
+            info!(sprite = %sprite.name_any(), version = %bundle.version, "runtime updated");
+            Ok(())
+        }
+        Err(e) => {
+            if let (Some(id), true) = (&checkpoint, policy.rollback_on_failure) {
+                ctx.sprites.restore_checkpoint(vm, id).await?;
+                // Restore ends exec sessions, the server's included.
+                status.server_session_id = None;
+                warn!(sprite = %sprite.name_any(), checkpoint = %id, error = %e, "update failed; checkpoint restored");
+            }
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+}
