@@ -11,14 +11,14 @@ pub use user::{Tier, User, UserSpec, UserStatus};
 pub const GROUP: &str = "sprite-operator.dev";
 pub const VERSION: &str = "v1alpha1";
 
-/// Every object in `examples/`, as (file, kind, parsed document). The list of
-/// files is fixed here so that a renamed or vanished example fails a test
+/// The files of `examples/`, in the order to apply them (a Secret before the
+/// Sprite that reads it). The list of files is fixed here so that a renamed or vanished example fails a test
 /// instead of silently shrinking what is tested.
 pub const EXAMPLE_FILES: [&str; 4] = [
     "user.yaml",
+    "secret-api-keys.yaml",
     "sprite.yaml",
     "sprite-configmap-runtime.yaml",
-    "secret-api-keys.yaml",
 ];
 
 #[cfg(test)]
