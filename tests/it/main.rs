@@ -4,4 +4,5 @@
 
 mod common;
 mod control_plane;
+mod relay;
 mod sprite_controller;
