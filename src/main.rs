@@ -28,7 +28,7 @@ enum Command {
     /// /healthz and /readyz.
     Controller(ControllerArgs),
     /// Run the WebSocket relay that connects browsers to their user's Sprite.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Run a Sprites.dev-compatible simulator that really runs commands.
     Sim(SimArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
         Command::Crds(args) => crds(args),
         Command::Controller(args) => block_on(controller(args)),
         Command::Sim(args) => block_on(sim(args)),
-        Command::Relay(args) => block_on(relay(args)),
+        Command::Relay(args) => block_on(relay(*args)),
         other => {
             eprintln!("{other:?}: not built yet");
             ExitCode::FAILURE
