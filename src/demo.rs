@@ -111,7 +111,10 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         None => {
             say("starting a local control plane (etcd, kube-apiserver, kube-controller-manager)");
             let plane = ControlPlane::start(testenv::Options::from_env()?).await?;
-            say(&format!("control plane ready in {:.1}s", plane.startup.as_secs_f64()));
+            say(&format!(
+                "control plane ready in {:.1}s",
+                plane.startup.as_secs_f64()
+            ));
             let client = plane.client().await?;
             let path = plane.kubeconfig_path().to_path_buf();
             (Some(plane), client, Some(path))
@@ -122,7 +125,9 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
     let (sim_tmp, sim_dir) = match &opts.sim_dir {
         Some(d) => (None, d.clone()),
         None => {
-            let t = tempfile::Builder::new().prefix("sprite-operator-demo-sim-").tempdir()?;
+            let t = tempfile::Builder::new()
+                .prefix("sprite-operator-demo-sim-")
+                .tempdir()?;
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
@@ -130,7 +135,8 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
     let sim_token = hex::encode(rand::random::<[u8; 16]>());
     let sim = crate::sim::start(SimConfig::new(&sim_dir, sim_token.clone())).await?;
     say(&format!("simulated Sprites.dev at {}", sim.url()));
-    let sprites = SpritesClient::new(&sim.url(), sim_token).map_err(|e| DemoError::Examples(e.to_string()))?;
+    let sprites =
+        SpritesClient::new(&sim.url(), sim_token).map_err(|e| DemoError::Examples(e.to_string()))?;
 
     let config = OperatorConfig {
         pip_args: opts.pip_args.clone(),
@@ -143,7 +149,11 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         Arc::new(controller::SystemClock),
     ));
     let shutdown = CancellationToken::new();
-    let controller = tokio::spawn(controller::run(ctx, Some(NAMESPACE.into()), shutdown.child_token()));
+    let controller = tokio::spawn(controller::run(
+        ctx,
+        Some(NAMESPACE.into()),
+        shutdown.child_token(),
+    ));
 
     let (directory, watch) = Directory::watch(client.clone(), Some(NAMESPACE));
     tokio::spawn(watch);
@@ -217,26 +227,35 @@ impl Demo {
 
 async fn apply_examples(client: &kube::Client, dir: &std::path::Path) -> Result<(), DemoError> {
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("static");
-    match Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await {
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
     for file in EXAMPLE_FILES {
         let path = dir.join(file);
-        let text = std::fs::read_to_string(&path).map_err(|e| DemoError::Examples(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| DemoError::Examples(format!("{}: {e}", path.display())))?;
         let docs = serde_saphyr::from_multiple::<serde_json::Value>(&text)
             .map_err(|e| DemoError::Examples(format!("{file}: {e}")))?;
         for doc in docs {
-            let obj: DynamicObject =
-                serde_json::from_value(doc.clone()).map_err(|e| DemoError::Examples(format!("{file}: {e}")))?;
+            let obj: DynamicObject = serde_json::from_value(doc.clone())
+                .map_err(|e| DemoError::Examples(format!("{file}: {e}")))?;
             let api_version = doc["apiVersion"].as_str().unwrap_or_default();
             let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
             let gvk = GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap_or_default());
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NAMESPACE, &ApiResource::from_gvk(&gvk));
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), NAMESPACE, &ApiResource::from_gvk(&gvk));
             let name = obj.metadata.name.clone().unwrap_or_default();
-            api.patch(&name, &PatchParams::apply("sprite-operator-demo").force(), &Patch::Apply(&obj))
-                .await?;
+            api.patch(
+                &name,
+                &PatchParams::apply("sprite-operator-demo").force(),
+                &Patch::Apply(&obj),
+            )
+            .await?;
             say(&format!("applied {file}: {} {name}", gvk.kind));
         }
         if file == "user.yaml" {
@@ -246,7 +265,10 @@ async fn apply_examples(client: &kube::Client, dir: &std::path::Path) -> Result<
             let t0 = Instant::now();
             while sprites.get_opt(DEMO_SPRITE).await?.is_none() {
                 if t0.elapsed() > Duration::from_secs(60) {
-                    return Err(DemoError::Timeout(t0.elapsed(), format!("the User to create {DEMO_SPRITE}")));
+                    return Err(DemoError::Timeout(
+                        t0.elapsed(),
+                        format!("the User to create {DEMO_SPRITE}"),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -285,14 +307,22 @@ async fn wait_ready(client: &kube::Client, limit: Duration) -> Result<(), DemoEr
             say(&format!("{:>5.1}s  {line}", t0.elapsed().as_secs_f64()));
             last = line;
         }
-        if let Some(s) = list.items.iter().find(|s| s.metadata.name.as_deref() == Some(DEMO_SPRITE))
-            && s.status.as_ref().is_some_and(|st| is_true(&st.conditions, "Ready"))
+        if let Some(s) = list
+            .items
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(DEMO_SPRITE))
+            && s.status
+                .as_ref()
+                .is_some_and(|st| is_true(&st.conditions, "Ready"))
         {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(DemoError::Timeout(limit, format!("Sprite {DEMO_SPRITE} to be Ready")))
+    Err(DemoError::Timeout(
+        limit,
+        format!("Sprite {DEMO_SPRITE} to be Ready"),
+    ))
 }
 
 async fn gateway_token(client: &kube::Client) -> Result<String, DemoError> {
@@ -307,14 +337,19 @@ async fn gateway_token(client: &kube::Client) -> Result<String, DemoError> {
             .and_then(|s| s.gateway_token_sha256)
             .is_some();
         if has_hash
-            && let Some(s) = secrets.get_opt(&controller::user::gateway_secret_name(DEMO_USER)).await?
+            && let Some(s) = secrets
+                .get_opt(&controller::user::gateway_secret_name(DEMO_USER))
+                .await?
             && let Some(t) = s.data.as_ref().and_then(|d| d.get(controller::user::TOKEN_KEY))
         {
             return Ok(String::from_utf8_lossy(&t.0).into_owned());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(DemoError::Timeout(Duration::from_secs(60), "the gateway token".into()))
+    Err(DemoError::Timeout(
+        Duration::from_secs(60),
+        "the gateway token".into(),
+    ))
 }
 
 /// The demo page: one text box, messages out, replies in. It fetches the

@@ -28,7 +28,7 @@ enum Command {
     /// /healthz and /readyz.
     Controller(ControllerArgs),
     /// Run the WebSocket relay that connects browsers to their user's Sprite.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Run a Sprites.dev-compatible simulator that really runs commands.
     Sim(SimArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
@@ -68,7 +68,7 @@ struct ControllerArgs {
 
 #[derive(clap::Args, Debug)]
 struct RelayArgs {
-    /// Address of the WebSocket endpoint (/ws) and health endpoints.
+    /// Address of the WebSocket endpoint (/ws) and of /healthz, /readyz, /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: String,
     /// Base URL of the Sprites.dev API (or of `sprite-operator sim`).
@@ -77,19 +77,61 @@ struct RelayArgs {
     /// File holding the Sprites.dev API token.
     #[arg(long, env = "SPRITES_TOKEN_FILE")]
     sprites_token_file: Option<PathBuf>,
-    /// File holding the shared secret for HS256 JWTs.
+    /// Only watch Users and Sprites in this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// File holding the shared secret for HS256 JWTs (at least 32 bytes).
     #[arg(long)]
     jwt_hs256_secret_file: Option<PathBuf>,
     /// JWKS file for RS256/ES256 JWTs.
     #[arg(long)]
     jwks_file: Option<PathBuf>,
+    /// Require this `iss` in JWTs.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Require this `aud` in JWTs.
+    #[arg(long)]
+    jwt_audience: Option<String>,
     /// Also accept the token in the `token` query parameter (browsers cannot
-    /// set headers; prefer the subprotocol).
+    /// set headers; prefer the subprotocol: URLs end up in logs).
     #[arg(long)]
     allow_query_token: bool,
     /// Stop keeping the VM awake after the browser sent nothing for this long.
     #[arg(long, default_value = "5m")]
     idle_timeout: humantime::Duration,
+    /// Ping the runtime this often while the browser is active (below the
+    /// VM's idle timeout).
+    #[arg(long, default_value = "10s")]
+    keepalive_interval: humantime::Duration,
+    /// Largest WebSocket message either way; larger ones close the session (1009).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_message_bytes: usize,
+    /// Unacknowledged messages kept per session for resending (4413 beyond).
+    #[arg(long, default_value_t = 256)]
+    max_unacked_messages: usize,
+    /// Unacknowledged bytes kept per session for resending (4413 beyond).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_unacked_bytes: usize,
+    /// Concurrent sessions per user (4429 beyond).
+    #[arg(long, default_value_t = 8)]
+    max_connections_per_user: usize,
+    /// Give up reconnecting to a VM after this long (1013).
+    #[arg(long, default_value = "60s")]
+    upstream_retry_for: humantime::Duration,
+    /// How far ahead the session annotation on the Sprite points (refreshed at half of it).
+    #[arg(long, default_value = "2m")]
+    session_lease: humantime::Duration,
+    /// How long sessions get to close on shutdown.
+    #[arg(long, default_value = "10s")]
+    drain_timeout: humantime::Duration,
+    /// Development and benchmarks only: send every session to this
+    /// WebSocket URL instead of a VM.
+    #[arg(long, hide = true)]
+    dev_fixed_upstream: Option<url::Url>,
+    /// Development and benchmarks only: read Users and Sprites from this
+    /// YAML file instead of watching a cluster (no session lease is written).
+    #[arg(long, hide = true)]
+    dev_static: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,12 +168,23 @@ struct CrdsArgs {
 
 #[derive(clap::Args, Debug)]
 struct DemoArgs {
-    /// Use this cluster instead of starting a local control plane.
-    #[arg(long, env = "KUBECONFIG")]
+    /// Use this cluster instead of starting a local control plane (which
+    /// needs KUBEBUILDER_ASSETS; `make demo` sets it).
+    #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Address of the demo page and the relay.
+    /// Address of the demo page.
     #[arg(long, default_value = "127.0.0.1:8088")]
     listen: String,
+    /// Keep the simulator's VMs in this folder (default: a temp dir).
+    #[arg(long)]
+    sim_dir: Option<PathBuf>,
+    /// Folder of the example manifests to apply.
+    #[arg(long, default_value = "examples")]
+    examples: PathBuf,
+    /// A wheelhouse of the runtime's requirements, so VMs install without an
+    /// index (`make demo` builds it).
+    #[arg(long, env = "SPRITE_WHEELHOUSE")]
+    wheelhouse: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -141,10 +194,8 @@ fn main() -> ExitCode {
         Command::Crds(args) => crds(args),
         Command::Controller(args) => block_on(controller(args)),
         Command::Sim(args) => block_on(sim(args)),
-        other => {
-            eprintln!("{other:?}: not built yet");
-            ExitCode::FAILURE
-        }
+        Command::Demo(args) => block_on(demo(args)),
+        Command::Relay(args) => block_on(relay(*args)),
     }
 }
 
@@ -244,6 +295,74 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn relay(args: RelayArgs) -> Result<(), String> {
+    use sprite_operator::relay::{self, Connector, Directory, JwtVerifier, RelayConfig, outbox};
+    let config = RelayConfig {
+        listen: args.listen,
+        allow_query_token: args.allow_query_token,
+        idle_timeout: args.idle_timeout.into(),
+        keepalive_interval: args.keepalive_interval.into(),
+        max_message_bytes: args.max_message_bytes,
+        outbox: outbox::Limits {
+            max_messages: args.max_unacked_messages,
+            max_bytes: args.max_unacked_bytes,
+        },
+        max_connections_per_user: args.max_connections_per_user,
+        upstream_retry_for: args.upstream_retry_for.into(),
+        lease: args.session_lease.into(),
+        lease_refresh: std::time::Duration::from(args.session_lease) / 2,
+        drain_timeout: args.drain_timeout.into(),
+        ..RelayConfig::default()
+    };
+    let jwt = JwtVerifier::from_files(args.jwt_hs256_secret_file.as_deref(), args.jwks_file.as_deref())
+        .map_err(|e| e.to_string())?
+        .with_issuer(args.jwt_issuer)
+        .with_audience(args.jwt_audience);
+    let (directory, kube) = match &args.dev_static {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::warn!("--dev-static: Users and Sprites come from a file, not the cluster");
+            (
+                Directory::fixed_from_yaml(&text).map_err(|e| e.to_string())?,
+                None,
+            )
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| format!("kubernetes client: {e}"))?;
+            let (directory, watch) = Directory::watch(client.clone(), args.namespace.as_deref());
+            tokio::spawn(watch);
+            (directory, Some(client))
+        }
+    };
+    let connector = match args.dev_fixed_upstream {
+        Some(url) => {
+            tracing::warn!("--dev-fixed-upstream: every session goes to one URL, not to its VM");
+            Connector::Fixed(url)
+        }
+        None => {
+            let token = read_token(args.sprites_token_file.as_ref())?;
+            Connector::Sprites(SpritesClient::new(&args.sprites_api_url, token).map_err(|e| e.to_string())?)
+        }
+    };
+    let shutdown = shutdown_token();
+    let handle = relay::start(relay::Parts {
+        config,
+        directory,
+        jwt,
+        connector,
+        kube,
+    })
+    .await
+    .map_err(|e| format!("relay: {e}"))?;
+    // Print the address for whoever started us with port 0 (the bench).
+    println!("listening on {}", handle.addr());
+    shutdown.cancelled().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
 async fn sim(args: SimArgs) -> Result<(), String> {
     let faults = match args.faults.as_deref().map(sprite_operator::sim::Faults::from_arg) {
         None => Default::default(),
@@ -261,6 +380,54 @@ async fn sim(args: SimArgs) -> Result<(), String> {
     sprite_operator::sim::run(config)
         .await
         .map_err(|e| format!("sim: {e}"))
+}
+
+async fn demo(args: DemoArgs) -> Result<(), String> {
+    use sprite_operator::demo::{self, DemoOptions};
+    let pip_args = match &args.wheelhouse {
+        Some(w) => vec![
+            "--no-index".into(),
+            "--find-links".into(),
+            w.display().to_string(),
+        ],
+        None => vec![],
+    };
+    let shutdown = shutdown_token();
+    let started = demo::start(DemoOptions {
+        kubeconfig: args.kubeconfig,
+        listen: args.listen,
+        sim_dir: args.sim_dir,
+        examples: args.examples,
+        pip_args,
+    });
+    let running = tokio::select! {
+        r = started => r.map_err(|e| e.to_string())?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if let Some(kc) = &running.kubeconfig {
+        let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
+        let kubectl = assets.map(|a| a.join("kubectl")).filter(|p| p.is_file());
+        if let Some(kubectl) = &kubectl {
+            let out = std::process::Command::new(kubectl)
+                .arg("--kubeconfig")
+                .arg(kc)
+                .args(["-n", demo::NAMESPACE, "get", "users,sprites"])
+                .output();
+            if let Ok(out) = out {
+                println!("\n$ kubectl -n {} get users,sprites", demo::NAMESPACE);
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        println!("\nTo look around:  export KUBECONFIG={}", kc.display());
+    }
+    println!(
+        "\nOpen {} to talk to Sprite {} through the relay. Ctrl-C stops everything.\n",
+        running.page_url, running.page.sprite
+    );
+    shutdown.cancelled().await;
+    running.shutdown().await;
+    println!("[demo] stopped");
+    Ok(())
 }
 
 fn crds(args: CrdsArgs) -> ExitCode {

@@ -4,6 +4,8 @@
 
 mod common;
 mod control_plane;
+mod demo;
+mod relay;
 mod sim_support;
 mod sprite_controller;
 mod sprite_lifecycle;

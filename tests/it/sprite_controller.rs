@@ -25,6 +25,7 @@ pub struct Env {
     pub ns: TestNs,
     pub sim: Option<SimHandle>,
     pub sprites: SpritesClient,
+    // Held for its Drop: the sim's VMs live in it.
     _data_dir: tempfile::TempDir,
     controller: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     pub config: OperatorConfig,
@@ -96,6 +97,7 @@ impl Env {
     }
 
     /// Kills the controller as a crash would: no graceful shutdown.
+    #[allow(dead_code)] // for crash-recovery tests
     pub async fn kill_controller(&mut self) {
         if let Some((_, handle)) = self.controller.take() {
             handle.abort();

@@ -1,0 +1,432 @@
+//! Relay benchmark on loopback: what the relay adds over a direct WebSocket
+//! connection, next to what nginx (as a WebSocket proxy) adds.
+//!
+//! `cargo bench --bench relay` (needs `nginx` on PATH or in /usr/sbin; without
+//! it the nginx column is skipped). The upstream is an echo WebSocket server
+//! in this process; the relay is the built `sprite-operator` binary run as a
+//! child with the development flags `--dev-static` (a User and a Sprite from
+//! a file, no cluster) and `--dev-fixed-upstream` (every session goes to the
+//! echo server, no Sprites.dev): authentication, routing and the session
+//! loop are the production code paths. nginx runs in the foreground as a
+//! child from a config written to a temp dir.
+//!
+//! Figures: round-trip latency of 64 B text messages (p50/p99, sequential),
+//! throughput of 16 KiB text frames (pipelined, one connection), and the
+//! relay's resident memory per idle relayed session at 1 000 sessions
+//! (VmRSS of the relay process before and after; each session has sent one
+//! message, so its upstream connection is open too).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const TOKEN: &str = "be0c4000111122223333444455556666";
+const LATENCY_ROUNDS: usize = 5000;
+const WARMUP_ROUNDS: usize = 500;
+const FRAME: usize = 16 * 1024;
+const THROUGHPUT_FRAMES: usize = 8192;
+const WINDOW: usize = 64;
+const IDLE_SESSIONS: usize = 1000;
+
+/// An echo WebSocket server: every text or binary message comes back.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// RSS of a process and its children (nginx: master and workers).
+fn tree_rss_kib(pid: u32) -> u64 {
+    let mut total = rss_kib(pid);
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        total += tree_rss_kib(c);
+    }
+    total
+}
+
+fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
+    let directory = format!(
+        "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: bench, namespace: bench}}\n\
+         spec: {{email: bench@example.com, subject: bench, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
+         apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: bench-primary, namespace: bench}}\n\
+         spec: {{userRef: {{name: bench}}}}\n",
+        sprite_operator::relay::gateway_token_sha256(TOKEN)
+    );
+    let file = dir.join("directory.yaml");
+    std::fs::write(&file, directory).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sprite-operator"))
+        .args([
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections-per-user",
+            "5000",
+        ])
+        .arg("--dev-static")
+        .arg(&file)
+        .arg("--dev-fixed-upstream")
+        .arg(format!("ws://{echo}/"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run the relay");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("relay said {line:?}"))
+        .parse()
+        .unwrap();
+    (Proc(child), addr)
+}
+
+fn nginx_binary() -> Option<String> {
+    ["nginx", "/usr/sbin/nginx"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("-v")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(String::from)
+}
+
+fn start_nginx(bin: &str, dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let d = dir.display();
+    for sub in ["tmp", "logs"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = format!(
+        "worker_processes auto;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+           fastcgi_temp_path {d}/tmp/fcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://{echo};\n\
+               proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+               proxy_set_header Connection \"upgrade\";\n      proxy_read_timeout 1h;\n      proxy_buffering off;\n\
+             }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("logs/error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run nginx");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start; see {d}/logs/error.log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Proc(child), addr)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Direct,
+    Nginx,
+    Relay,
+}
+
+async fn connect(mode: Mode, addr: SocketAddr) -> Ws {
+    let url = match mode {
+        Mode::Relay => format!("ws://{addr}/ws"),
+        _ => format!("ws://{addr}/"),
+    };
+    let mut req = url.into_client_request().unwrap();
+    if mode == Mode::Relay {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            format!("{}, {TOKEN}", sprite_operator::relay::SUBPROTOCOL)
+                .parse()
+                .unwrap(),
+        );
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+        let _ = tcp.set_nodelay(true);
+    }
+    ws
+}
+
+async fn round_trip(ws: &mut Ws, msg: &Message) {
+    ws.send(msg.clone()).await.unwrap();
+    loop {
+        match ws.next().await.expect("open").expect("ok") {
+            Message::Text(_) | Message::Binary(_) => return,
+            _ => {}
+        }
+    }
+}
+
+/// 64 B text: an envelope without id, as a keepalive-sized message.
+fn small_message() -> Message {
+    let mut s = String::from(r#"{"type":"ping","payload":""#);
+    while s.len() < 62 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    assert_eq!(s.len(), 64);
+    Message::text(s)
+}
+
+fn big_message() -> Message {
+    let head = r#"{"type":"canvas_update","payload":{"d":""#;
+    let tail = "\"}}";
+    let s = format!("{head}{}{tail}", "y".repeat(FRAME - head.len() - tail.len()));
+    assert_eq!(s.len(), FRAME);
+    Message::text(s)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn latency(mode: Mode, addr: SocketAddr) -> (Duration, Duration) {
+    let mut ws = connect(mode, addr).await;
+    let msg = small_message();
+    for _ in 0..WARMUP_ROUNDS {
+        round_trip(&mut ws, &msg).await;
+    }
+    let mut times = Vec::with_capacity(LATENCY_ROUNDS);
+    for _ in 0..LATENCY_ROUNDS {
+        let t = Instant::now();
+        round_trip(&mut ws, &msg).await;
+        times.push(t.elapsed());
+    }
+    let _ = ws.close(None).await;
+    times.sort();
+    (percentile(&times, 0.50), percentile(&times, 0.99))
+}
+
+/// MB/s of payload echoed back, at most WINDOW frames in flight.
+async fn throughput(mode: Mode, addr: SocketAddr) -> f64 {
+    let ws = connect(mode, addr).await;
+    let (mut tx, mut rx) = ws.split();
+    let msg = big_message();
+    // Warm up the path (the relay connects its upstream on the first frame).
+    tx.send(msg.clone()).await.unwrap();
+    rx.next().await.unwrap().unwrap();
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let start = Instant::now();
+    let w = window.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..THROUGHPUT_FRAMES {
+            w.acquire().await.unwrap().forget();
+            tx.send(msg.clone()).await.unwrap();
+        }
+        tx
+    });
+    let mut got = 0usize;
+    while got < THROUGHPUT_FRAMES {
+        if let Message::Text(t) = rx.next().await.unwrap().unwrap() {
+            assert_eq!(t.len(), FRAME);
+            got += 1;
+            window.add_permits(1);
+        }
+    }
+    let elapsed = start.elapsed();
+    let mut tx = writer.await.unwrap();
+    let _ = tx.close().await;
+    (THROUGHPUT_FRAMES * FRAME) as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// KiB of the proxy's RSS per idle session, over IDLE_SESSIONS sessions.
+async fn memory_per_session(mode: Mode, addr: SocketAddr, pid: u32) -> (u64, u64, f64) {
+    // One session first, so that lazily built state (pools, the allocator's
+    // first arenas) is not charged to the idle sessions.
+    let mut first = connect(mode, addr).await;
+    round_trip(&mut first, &small_message()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = tree_rss_kib(pid);
+    let mut sessions = Vec::with_capacity(IDLE_SESSIONS);
+    for _ in 0..IDLE_SESSIONS {
+        let mut ws = connect(mode, addr).await;
+        round_trip(&mut ws, &small_message()).await;
+        sessions.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = tree_rss_kib(pid);
+    let per = after.saturating_sub(before) as f64 / IDLE_SESSIONS as f64;
+    for mut ws in sessions {
+        let _ = ws.close(None).await;
+    }
+    (before, after, per)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let echo = echo_server().await;
+        let tmp = tempfile::tempdir().unwrap();
+
+        let direct = (latency(Mode::Direct, echo).await, throughput(Mode::Direct, echo).await);
+
+        let nginx_bin = nginx_binary();
+        let nginx = match &nginx_bin {
+            Some(bin) => {
+                let dir = tmp.path().join("nginx");
+                std::fs::create_dir_all(&dir).unwrap();
+                let (p, addr) = start_nginx(bin, &dir, echo);
+                let l = latency(Mode::Nginx, addr).await;
+                let t = throughput(Mode::Nginx, addr).await;
+                drop(p);
+                // A fresh nginx for memory, as for the relay.
+                let (p, addr) = start_nginx(bin, &dir, echo);
+                let m = memory_per_session(Mode::Nginx, addr, p.0.id()).await;
+                drop(p);
+                Some((l, t, m))
+            }
+            None => {
+                eprintln!("nginx not found: its column is skipped (apt-get install nginx)");
+                None
+            }
+        };
+
+        let (p, addr) = start_relay(tmp.path(), echo);
+        let rl = latency(Mode::Relay, addr).await;
+        let rt_ = throughput(Mode::Relay, addr).await;
+        drop(p);
+        let (p, addr) = start_relay(tmp.path(), echo);
+        let rm = memory_per_session(Mode::Relay, addr, p.0.id()).await;
+        drop(p);
+
+        println!();
+        println!(
+            "relay bench (loopback; {LATENCY_ROUNDS} round trips of 64 B; {THROUGHPUT_FRAMES} x 16 KiB text frames, {WINDOW} in flight; {IDLE_SESSIONS} idle sessions)"
+        );
+        println!(
+            "{:<8} {:>9} {:>9} {:>11} {:>11} {:>10} {:>16}",
+            "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "MB/s", "KiB/idle session"
+        );
+        let ((dp50, dp99), dtp) = direct;
+        println!(
+            "{:<8} {:>9.1} {:>9.1} {:>11} {:>11} {:>10.0} {:>16}",
+            "direct",
+            us(dp50),
+            us(dp99),
+            "-",
+            "-",
+            dtp,
+            "-"
+        );
+        let row = |name: &str, (p50, p99): (Duration, Duration), tp: f64, mem: (u64, u64, f64)| {
+            println!(
+                "{:<8} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>10.0} {:>16.1}",
+                name,
+                us(p50),
+                us(p99),
+                us(p50) - us(dp50),
+                us(p99) - us(dp99),
+                tp,
+                mem.2
+            );
+        };
+        if let Some((l, t, m)) = nginx {
+            row("nginx", l, t, m);
+            eprintln!("nginx RSS: {} KiB -> {} KiB", m.0, m.1);
+        }
+        row("relay", rl, rt_, rm);
+        eprintln!("relay RSS: {} KiB -> {} KiB", rm.0, rm.1);
+
+        println!();
+        let added = us(rl.0) - us(dp50);
+        if let Some(((np50, _), ntp, _)) = nginx {
+            let n_added = us(np50) - us(dp50);
+            println!(
+                "target: relay added p50 <= nginx's ({added:.1} vs {n_added:.1} us): {}",
+                if added <= n_added { "met" } else { "NOT met" }
+            );
+            println!(
+                "target: relay throughput >= 0.9 x nginx's ({rt_:.0} vs {:.0} MB/s): {}",
+                0.9 * ntp,
+                if rt_ >= 0.9 * ntp { "met" } else { "NOT met" }
+            );
+        }
+        println!(
+            "target: <= 32 KiB per idle session ({:.1} KiB): {}",
+            rm.2,
+            if rm.2 <= 32.0 { "met" } else { "NOT met" }
+        );
+    });
+}

@@ -1,0 +1,233 @@
+//! `sprite-operator relay`: the WebSocket relay between browsers and their
+//! user's Sprite ("the Bridge"). Authenticates (auth), picks the Sprite from
+//! a watch cache (routing), connects through the Sprites.dev proxy
+//! (upstream), relays frames, resends unacked ones after a VM slept and
+//! keeps the VM awake only while the browser is active (session). See
+//! `docs/relay.md`.
+//!
+//! In-process use (tests, the demo, benchmarks):
+//! ```no_run
+//! # async fn f(client: kube::Client, sprites: sprite_operator::sprites::SpritesClient) {
+//! use sprite_operator::relay::{self, Connector, Directory, JwtVerifier, RelayConfig};
+//! let (directory, watch) = Directory::watch(client.clone(), None);
+//! tokio::spawn(watch);
+//! let handle = relay::start(relay::Parts {
+//!     config: RelayConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
+//!     directory,
+//!     jwt: JwtVerifier::none(),
+//!     connector: Connector::Sprites(sprites),
+//!     kube: Some(client),
+//! })
+//! .await
+//! .unwrap();
+//! println!("{}", handle.ws_url());
+//! handle.shutdown().await;
+//! # }
+//! ```
+
+pub mod auth;
+pub mod error;
+pub mod lease;
+pub mod limits;
+pub mod metrics;
+pub mod outbox;
+pub mod routing;
+mod server;
+pub mod session;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{JwtVerifier, SUBPROTOCOL, gateway_token_sha256};
+pub use error::{Error, close};
+pub use routing::{Directory, Target};
+pub use upstream::Connector;
+
+/// Everything tunable; `Default` holds the documented defaults.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// `host:port` of `/ws`, `/healthz`, `/readyz`, `/metrics` (port 0: any).
+    pub listen: String,
+    /// Accept `?token=` (it ends up in access logs: off by default).
+    pub allow_query_token: bool,
+    /// After this long without a frame from the browser the upstream is
+    /// closed so the VM can sleep; the browser stays connected.
+    pub idle_timeout: Duration,
+    /// Upstream WebSocket pings while the browser is active; below the VM's
+    /// idle timeout (30 s on Sprites.dev).
+    pub keepalive_interval: Duration,
+    /// Pings to the browser, so that idle connections survive proxies.
+    pub browser_ping_interval: Duration,
+    /// Largest message either way (frames above it: close 1009).
+    pub max_message_bytes: usize,
+    pub outbox: outbox::Limits,
+    pub max_connections_per_user: usize,
+    /// Give up reconnecting to a VM after this long (close 1013).
+    pub upstream_retry_for: Duration,
+    /// One connection attempt (wake + proxy + handshake).
+    pub connect_timeout: Duration,
+    /// How far ahead the session annotation points, and how often it moves.
+    pub lease: Duration,
+    pub lease_refresh: Duration,
+    /// On shutdown, how long sessions get to close before the process exits.
+    pub drain_timeout: Duration,
+    /// tungstenite read buffer per socket: allocated up front, so it is most
+    /// of an idle session's memory (two sockets per session).
+    pub read_buffer_bytes: usize,
+    /// Writes are batched up to this size before hitting the socket.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            allow_query_token: false,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            browser_ping_interval: Duration::from_secs(30),
+            max_message_bytes: 1 << 20,
+            outbox: outbox::Limits::default(),
+            max_connections_per_user: 8,
+            upstream_retry_for: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(120),
+            lease_refresh: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 4 * 1024,
+        }
+    }
+}
+
+impl RelayConfig {
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(self.write_buffer_bytes)
+            // Backpressure instead of unbounded buffering when a peer stops
+            // reading: one full message plus the batch.
+            .max_write_buffer_size(self.write_buffer_bytes + self.max_message_bytes + 64 * 1024)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+
+    pub(crate) fn browser_ws_config(&self) -> WebSocketConfig {
+        self.ws_config()
+    }
+
+    pub(crate) fn upstream_ws_config(&self) -> WebSocketConfig {
+        self.ws_config()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Config(m.into()));
+        if self.outbox.max_bytes < self.max_message_bytes {
+            return bad("the outbox byte bound must hold at least one message of the maximum size");
+        }
+        if self.keepalive_interval.is_zero() || self.browser_ping_interval.is_zero() {
+            return bad("ping intervals must be positive");
+        }
+        if self.lease_refresh >= self.lease {
+            return bad("the lease must be refreshed before it runs out");
+        }
+        if self.max_connections_per_user == 0 || self.read_buffer_bytes == 0 {
+            return bad("limits and buffers must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the server and every session.
+pub struct Relay {
+    pub config: RelayConfig,
+    pub directory: Directory,
+    pub jwt: JwtVerifier,
+    pub connector: Connector,
+    pub metrics: metrics::Metrics,
+    pub limits: Arc<limits::ConnectionLimits>,
+    pub leases: lease::Leases,
+    pub shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+/// What [`start`] needs.
+pub struct Parts {
+    pub config: RelayConfig,
+    pub directory: Directory,
+    pub jwt: JwtVerifier,
+    pub connector: Connector,
+    /// For the session lease on Sprites; None: no lease is written.
+    pub kube: Option<kube::Client>,
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    addr: SocketAddr,
+    relay: Arc<Relay>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RelayHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `ws://addr/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Stops accepting, closes every session with 1001 and waits (up to the
+    /// drain timeout) for them to finish.
+    pub async fn shutdown(self) {
+        self.relay.shutdown.cancel();
+        let _ = self.server.await;
+        self.relay.sessions.close();
+        if tokio::time::timeout(self.relay.config.drain_timeout, self.relay.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.relay.sessions.len(),
+                "sessions still open after the drain timeout"
+            );
+        }
+    }
+
+    /// Resolves when the relay has been asked to stop.
+    pub async fn stopped(&self) {
+        self.relay.shutdown.cancelled().await
+    }
+}
+
+/// Binds and serves; returns once listening.
+pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
+    parts.config.validate()?;
+    let listener = tokio::net::TcpListener::bind(&parts.config.listen).await?;
+    let addr = listener.local_addr()?;
+    let relay = Arc::new(Relay {
+        leases: lease::Leases::new(parts.kube, parts.config.lease, parts.config.lease_refresh),
+        config: parts.config,
+        directory: parts.directory,
+        jwt: parts.jwt,
+        connector: parts.connector,
+        metrics: metrics::Metrics::default(),
+        limits: Arc::new(limits::ConnectionLimits::default()),
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+    });
+    let server = tokio::spawn(server::serve(listener, relay.clone()));
+    tracing::info!(%addr, "relay listening");
+    Ok(RelayHandle { addr, relay, server })
+}

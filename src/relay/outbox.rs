@@ -1,0 +1,389 @@
+//! The browser's frames on their way to the runtime: those not yet sent on
+//! the current upstream connection, and those sent but not yet acked. After a
+//! reconnect every tracked frame is sent again, in order; the runtime drops
+//! the ones it already processed (it remembers ids per session), so nothing
+//! is lost or done twice (decision 7).
+//!
+//! A frame is tracked when it is a JSON object with a string `id` (1-200
+//! characters, as the runtime requires). A binary frame belongs to the
+//! tracked text frame just before it (the `file_upload` header whose content
+//! it carries, acked only after the binary frame). Untracked frames are sent
+//! once, at most once: they are dropped as soon as they are written.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::error::Error;
+
+/// The runtime's limit on ids.
+const MAX_ID_CHARS: usize = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_messages: 256,
+            max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The fields of an envelope the relay reads; everything else is skipped
+/// unparsed and the frame is forwarded as it came.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+pub struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub type_: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+}
+
+/// Reads type and id of a text frame; anything not a JSON object gives an
+/// empty head (the runtime answers it with an error; the relay just passes
+/// it on untracked).
+pub fn head(text: &str) -> Head<'_> {
+    #[derive(Deserialize)]
+    struct Loose<'a> {
+        #[serde(rename = "type", borrow, default)]
+        type_: Option<LooseStr<'a>>,
+        #[serde(borrow, default)]
+        id: Option<LooseStr<'a>>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum LooseStr<'a> {
+        Str(#[serde(borrow)] Cow<'a, str>),
+        Other(serde::de::IgnoredAny),
+    }
+    fn string(v: Option<LooseStr<'_>>) -> Option<Cow<'_, str>> {
+        match v {
+            Some(LooseStr::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+    // A non-string `type` or `id` must not make the whole frame unreadable
+    // to us: the runtime decides what is valid.
+    match serde_json::from_str::<Loose<'_>>(text) {
+        Ok(l) => Head {
+            type_: string(l.type_),
+            id: string(l.id).filter(|s| !s.is_empty() && s.chars().count() <= MAX_ID_CHARS),
+        },
+        Err(_) => Head::default(),
+    }
+}
+
+/// If `text` is the runtime's ack, the id it acknowledges. Cheap for every
+/// other frame: acks are small, so large frames are not parsed at all.
+pub fn acked_id(text: &str) -> Option<String> {
+    if text.len() > 1024 || !text.contains("\"ack\"") {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Ack {
+        #[serde(rename = "type")]
+        type_: String,
+        payload: AckPayload,
+    }
+    #[derive(Deserialize)]
+    struct AckPayload {
+        id: String,
+    }
+    let a: Ack = serde_json::from_str(text).ok()?;
+    (a.type_ == "ack").then_some(a.payload.id)
+}
+
+struct Item {
+    frame: Message,
+    /// The id of the message this frame belongs to; None: untracked.
+    id: Option<Arc<str>>,
+}
+
+fn frame_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+#[derive(Default)]
+pub struct Outbox {
+    items: VecDeque<Item>,
+    bytes: usize,
+    /// Items before this index were written on the current connection.
+    sent: usize,
+    /// The last item pushed was a tracked text frame that a binary frame
+    /// may still join.
+    open_id: Option<Arc<str>>,
+    limits: Limits,
+}
+
+impl Outbox {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, frame: Message, id: Option<Arc<str>>) -> Result<(), Error> {
+        let len = frame_len(&frame);
+        if self.items.len() + 1 > self.limits.max_messages || self.bytes + len > self.limits.max_bytes {
+            return Err(Error::BacklogFull {
+                messages: self.items.len(),
+                bytes: self.bytes,
+            });
+        }
+        self.bytes += len;
+        self.items.push_back(Item { frame, id });
+        Ok(())
+    }
+
+    /// Queues a text frame; `id` from [`head`].
+    pub fn push_text(&mut self, frame: Message, id: Option<&str>) -> Result<(), Error> {
+        let id: Option<Arc<str>> = id.map(Arc::from);
+        self.open_id = id.clone();
+        self.push(frame, id)
+    }
+
+    /// Queues a binary frame, joining the tracked text frame before it.
+    pub fn push_binary(&mut self, frame: Message) -> Result<(), Error> {
+        let id = self.open_id.clone();
+        self.push(frame, id)
+    }
+
+    /// The next frame to write on the current connection.
+    pub fn next_unsent(&self) -> Option<&Message> {
+        self.items.get(self.sent).map(|i| &i.frame)
+    }
+
+    /// Records that [`Self::next_unsent`] was written. Untracked frames are
+    /// forgotten now; tracked ones wait for their ack.
+    pub fn mark_sent(&mut self) {
+        let Some(item) = self.items.get(self.sent) else {
+            return;
+        };
+        if item.id.is_none() {
+            let item = self.items.remove(self.sent).expect("present");
+            self.bytes -= frame_len(&item.frame);
+        } else {
+            self.sent += 1;
+        }
+    }
+
+    /// The runtime acked `id` (processed, duplicate or rejected): its written
+    /// frames are done. Returns how many frames were released.
+    pub fn ack(&mut self, id: &str) -> usize {
+        if self.open_id.as_deref() == Some(id) {
+            self.open_id = None;
+        }
+        let mut released = 0;
+        let mut i = 0;
+        while i < self.sent {
+            if self.items[i].id.as_deref() == Some(id) {
+                let item = self.items.remove(i).expect("present");
+                self.bytes -= frame_len(&item.frame);
+                self.sent -= 1;
+                released += 1;
+            } else {
+                i += 1;
+            }
+        }
+        released
+    }
+
+    /// A new upstream connection: everything still held is sent again.
+    /// Returns how many frames will be resent.
+    pub fn rewind(&mut self) -> usize {
+        std::mem::replace(&mut self.sent, 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Tracked frames written and not yet acked.
+    pub fn unacked(&self) -> usize {
+        self.sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Message {
+        Message::text(s.to_string())
+    }
+
+    fn env(id: &str) -> String {
+        format!(r#"{{"type":"mission","payload":{{"text":"x"}},"id":"{id}"}}"#)
+    }
+
+    /// Writes everything unsent, returning what was written.
+    fn flush(o: &mut Outbox) -> Vec<String> {
+        let mut out = vec![];
+        while let Some(m) = o.next_unsent() {
+            out.push(match m {
+                Message::Text(t) => t.to_string(),
+                Message::Binary(b) => format!("bin:{}", b.len()),
+                _ => unreachable!(),
+            });
+            o.mark_sent();
+        }
+        out
+    }
+
+    fn push(o: &mut Outbox, s: &str) {
+        let h = head(s);
+        o.push_text(text(s), h.id.as_deref()).unwrap();
+    }
+
+    #[test]
+    fn head_reads_type_and_valid_ids_only() {
+        let h = head(r#"{"type":"ping","id":"a-1","payload":{"big":[1,2,3]}}"#);
+        assert_eq!((h.type_.as_deref(), h.id.as_deref()), (Some("ping"), Some("a-1")));
+        assert_eq!(head(r#"{"type":"ping"}"#).id, None);
+        assert_eq!(head(r#"{"type":"ping","id":7}"#).id, None);
+        assert_eq!(head(r#"{"type":"ping","id":""}"#).id, None);
+        assert_eq!(
+            head(&format!(r#"{{"type":"p","id":"{}"}}"#, "x".repeat(201))).id,
+            None
+        );
+        assert!(
+            head(&format!(r#"{{"type":"p","id":"{}"}}"#, "é".repeat(200)))
+                .id
+                .is_some()
+        );
+        assert_eq!(head(r#"{"type":3,"id":"z"}"#).id.as_deref(), Some("z"));
+        assert_eq!(head("not json"), Head::default());
+        assert_eq!(head("[1]"), Head::default());
+        // Escapes in the id are decoded as the runtime decodes them.
+        assert_eq!(head(r#"{"type":"p","id":"a\"b"}"#).id.as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn acks_are_recognised_cheaply() {
+        assert_eq!(
+            acked_id(r#"{"type":"ack","payload":{"id":"c-1","status":"processed"},"id":"u"}"#).as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(acked_id(r#"{"type":"pong","payload":{"echo":"ack"}}"#), None);
+        assert_eq!(acked_id(r#"{"type":"pong","payload":{"echo":"\"ack\""}}"#), None);
+        assert_eq!(
+            acked_id(&format!(
+                r#"{{"type":"ack","payload":{{"id":"{}"}}}}"#,
+                "x".repeat(2000)
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn acked_frames_are_released_and_the_rest_resent_in_order() {
+        let mut o = Outbox::new(Limits::default());
+        for id in ["1", "2", "3"] {
+            push(&mut o, &env(id));
+        }
+        push(&mut o, r#"{"type":"ping"}"#);
+        assert_eq!(flush(&mut o).len(), 4);
+        assert_eq!(
+            (o.len(), o.unacked()),
+            (3, 3),
+            "the untracked ping is gone once written"
+        );
+        assert_eq!(o.ack("1"), 1);
+        assert_eq!(o.ack("unknown"), 0);
+        // The upstream dropped before 2 and 3 were acked; 4 arrives meanwhile.
+        push(&mut o, &env("4"));
+        assert_eq!(o.rewind(), 2);
+        assert_eq!(flush(&mut o), vec![env("2"), env("3"), env("4")]);
+        o.ack("2");
+        o.ack("3");
+        o.ack("4");
+        assert!(o.is_empty());
+        assert_eq!(o.bytes(), 0);
+    }
+
+    #[test]
+    fn unsent_frames_are_not_released_by_an_ack() {
+        let mut o = Outbox::new(Limits::default());
+        push(&mut o, &env("1"));
+        // Not written yet (reconnecting): an ack for the same id from an
+        // earlier life of the session does not drop it.
+        assert_eq!(o.ack("1"), 0);
+        assert_eq!(flush(&mut o), vec![env("1")]);
+    }
+
+    #[test]
+    fn a_binary_frame_joins_its_upload_header() {
+        let mut o = Outbox::new(Limits::default());
+        push(
+            &mut o,
+            r#"{"type":"file_upload","payload":{"filename":"a","size":3},"id":"u1"}"#,
+        );
+        o.push_binary(Message::binary(vec![1u8, 2, 3])).unwrap();
+        assert_eq!(flush(&mut o).len(), 2);
+        assert_eq!(o.rewind(), 2, "header and body are resent together");
+        assert_eq!(flush(&mut o)[1], "bin:3");
+        assert_eq!(o.ack("u1"), 2);
+        assert!(o.is_empty());
+        // A binary frame after an untracked text frame is untracked.
+        push(
+            &mut o,
+            r#"{"type":"file_upload","payload":{"filename":"a","size":1}}"#,
+        );
+        o.push_binary(Message::binary(vec![1u8])).unwrap();
+        flush(&mut o);
+        assert!(o.is_empty());
+        // After its header was acked, a stray binary frame is not tracked.
+        push(&mut o, &env("5"));
+        flush(&mut o);
+        o.ack("5");
+        o.push_binary(Message::binary(vec![1u8])).unwrap();
+        flush(&mut o);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn bounds_refuse_the_frame_that_would_exceed_them() {
+        let mut o = Outbox::new(Limits {
+            max_messages: 2,
+            max_bytes: 1000,
+        });
+        push(&mut o, &env("1"));
+        push(&mut o, &env("2"));
+        let e = o.push_text(text(&env("3")), Some("3")).unwrap_err();
+        assert!(matches!(e, Error::BacklogFull { messages: 2, .. }));
+        flush(&mut o);
+        o.ack("1");
+        push(&mut o, &env("3"));
+
+        let mut o = Outbox::new(Limits {
+            max_messages: 10,
+            max_bytes: 100,
+        });
+        o.push_binary(Message::binary(vec![0u8; 60])).unwrap();
+        assert!(o.push_binary(Message::binary(vec![0u8; 60])).is_err());
+        // Untracked frames count only until written.
+        flush(&mut o);
+        o.push_binary(Message::binary(vec![0u8; 60])).unwrap();
+    }
+}

@@ -1,0 +1,106 @@
+//! The connection to the runtime: a WebSocket client handshake over the
+//! Sprites.dev TCP proxy to the runtime's port inside the VM (which wakes
+//! the VM), or, for benchmarks and local development only, straight to a
+//! fixed WebSocket URL.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::error::Error;
+use super::routing::Target;
+use crate::sprites::{ProxyStream, SpritesClient};
+
+/// How the relay reaches runtimes.
+#[derive(Clone, Debug)]
+pub enum Connector {
+    /// Through the Sprites.dev proxy (production).
+    Sprites(SpritesClient),
+    /// Every session goes to this `ws://host:port/path`, whatever its
+    /// Sprite: for benchmarks and development without Sprites.dev. Never use
+    /// it in production: it bypasses the VM routing.
+    Fixed(url::Url),
+}
+
+/// The byte stream under the upstream WebSocket.
+pub enum UpstreamIo {
+    Proxy(ProxyStream),
+    Tcp(TcpStream),
+}
+
+pub type Upstream = WebSocketStream<UpstreamIo>;
+
+impl Connector {
+    /// Opens the runtime's WebSocket for `target`.
+    pub async fn connect(&self, target: &Target, config: WebSocketConfig) -> Result<Upstream, Error> {
+        match self {
+            Connector::Sprites(client) => {
+                let stream = client
+                    .proxy(&target.vm, "localhost", target.port)
+                    .await
+                    .map_err(|e| Error::Upstream(e.to_string()))?;
+                // The Host header names the VM-local address the runtime
+                // listens on; the runtime does not check it.
+                let url = format!("ws://localhost:{}/", target.port);
+                let (ws, _) =
+                    tokio_tungstenite::client_async_with_config(url, UpstreamIo::Proxy(stream), Some(config))
+                        .await
+                        .map_err(|e| Error::Upstream(format!("runtime handshake: {e}")))?;
+                Ok(ws)
+            }
+            Connector::Fixed(url) => {
+                let host = url.host_str().unwrap_or("127.0.0.1");
+                let port = url.port_or_known_default().unwrap_or(80);
+                let tcp = TcpStream::connect((host, port))
+                    .await
+                    .map_err(|e| Error::Upstream(format!("connect {host}:{port}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let (ws, _) = tokio_tungstenite::client_async_with_config(
+                    url.as_str(),
+                    UpstreamIo::Tcp(tcp),
+                    Some(config),
+                )
+                .await
+                .map_err(|e| Error::Upstream(format!("handshake: {e}")))?;
+                Ok(ws)
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Proxy(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Proxy(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Proxy(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Proxy(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The relay end to end: the real apiserver, the Sprite controller, the
+//! simulator and the runtime, with the relay in-process on 127.0.0.1:0.
+//!
+//! The User reconciler is not in this branch yet, so these tests write
+//! `status.gatewayTokenSha256` themselves with a status patch, as that
+//! reconciler will.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+use sprite_operator::api::sprite::SESSION_ANNOTATION;
+use sprite_operator::api::{Sprite, User};
+use sprite_operator::relay::{
+    self, Connector, Directory, JwtVerifier, RelayConfig, RelayHandle, SUBPROTOCOL, gateway_token_sha256,
+};
+use sprite_operator::sprites::ExecRequest;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::common::{eventually, say};
+use crate::sprite_controller::{Env, SIM_TOKEN, apply, sprite_doc};
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const HS_SECRET: &[u8] = b"relay-it-shared-secret-0123456789abcdef";
+const ALICE_TOKEN: &str = "a1ce0000111122223333444455556666";
+const BOB_TOKEN: &str = "b0b00000111122223333444455556666";
+const PROXY_ROUTE: &str = "GET /v1/sprites/{name}/proxy";
+
+fn fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/relay")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn hs256(claims: Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A User with a subject and (as the User reconciler would write it) the
+/// hash of its gateway token.
+async fn create_user(env: &Env, name: &str, subject: &str, token: &str) {
+    let doc = json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User",
+        "metadata": {"name": name}, "spec": {"email": format!("{name}@example.com"), "subject": subject, "tier": "free"}});
+    apply(&env.ns, &doc).await;
+    env.ns
+        .api::<User>()
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"gatewayTokenSha256": gateway_token_sha256(token)}})),
+        )
+        .await
+        .expect("status patch");
+}
+
+/// A Sprite owned by `user`, with a short VM name.
+async fn create_sprite(env: &Env, name: &str, user: &str) {
+    apply(&env.ns, &sprite_doc(name, json!({"userRef": {"name": user}}))).await;
+}
+
+async fn start_relay(env: &Env, tune: impl FnOnce(&mut RelayConfig)) -> RelayHandle {
+    let (directory, watch) = Directory::watch(env.ns.client.clone(), Some(&env.ns.name));
+    tokio::spawn(watch);
+    let jwt = JwtVerifier::none()
+        .with_hs256_secret(HS_SECRET)
+        .unwrap()
+        .with_jwks(&fixture("rsa-test-jwks.json"))
+        .unwrap();
+    let mut config = RelayConfig {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    tune(&mut config);
+    let handle = relay::start(relay::Parts {
+        config,
+        directory: directory.clone(),
+        jwt,
+        connector: Connector::Sprites(env.sprites.clone()),
+        kube: Some(env.ns.client.clone()),
+    })
+    .await
+    .expect("relay starts");
+    eventually("relay caches synced", 30, || async {
+        if directory.is_ready() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    handle
+}
+
+/// Waits until the relay's cache holds `user` with a token hash.
+async fn wait_cached(handle: &RelayHandle, user: &str) {
+    let dir = handle.relay().directory.clone();
+    eventually(&format!("{user} in the relay's cache"), 30, || {
+        let dir = dir.clone();
+        async move {
+            dir.users()
+                .iter()
+                .any(|u| {
+                    u.metadata.name.as_deref() == Some(user)
+                        && u.status
+                            .as_ref()
+                            .is_some_and(|s| s.gateway_token_sha256.is_some())
+                })
+                .then_some(())
+                .ok_or_else(|| "not cached".to_string())
+        }
+    })
+    .await
+}
+
+/// Connects as a browser does: our subprotocol and the token.
+async fn connect_browser(
+    handle: &RelayHandle,
+    token: &str,
+    query: &str,
+) -> Result<Client, tungstenite::Error> {
+    let mut req = format!("{}{query}", handle.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("{SUBPROTOCOL}, {token}").parse().unwrap(),
+    );
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some(SUBPROTOCOL),
+        "the relay answers our subprotocol, never the token"
+    );
+    Ok(ws)
+}
+
+/// Connects as a non-browser client: `Authorization: Bearer`.
+async fn connect_bearer(
+    handle: &RelayHandle,
+    token: &str,
+    query: &str,
+) -> Result<Client, tungstenite::Error> {
+    let mut req = format!("{}{query}", handle.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+}
+
+async fn next_json(ws: &mut Client, secs: u64) -> Result<Value, String> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(secs), ws.next())
+            .await
+            .map_err(|_| format!("nothing within {secs}s"))?
+            .ok_or("closed")?
+            .map_err(|e| e.to_string())?;
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).map_err(|e| e.to_string()),
+            Message::Close(f) => return Err(format!("closed: {f:?}")),
+            _ => {}
+        }
+    }
+}
+
+/// The close code the relay ends this connection with.
+async fn close_code(ws: &mut Client) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??
+        {
+            Ok(Message::Close(Some(f))) => return Some(f.code.into()),
+            Ok(Message::Close(None)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn send(ws: &mut Client, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// Sends a ping with `id` and returns the pong's payload (the ack first).
+async fn ping(ws: &mut Client, id: &str) -> Value {
+    send(ws, json!({"type": "ping", "payload": {"n": id}, "id": id})).await;
+    let mut acked = false;
+    loop {
+        let v = next_json(ws, 60).await.expect("reply");
+        match v["type"].as_str() {
+            Some("ack") if v["payload"]["id"] == id => acked = true,
+            Some("pong") => {
+                assert!(acked, "the ack comes before the pong");
+                return v["payload"].clone();
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn proxy_calls(env: &Env, vm: &str) -> usize {
+    env.count_calls(PROXY_ROUTE, Some(vm)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_authenticates_routes_and_refuses_before_any_upstream_work() {
+    let Some(env) = Env::new("relay-auth").await else {
+        return;
+    };
+    create_user(&env, "alice", "sub-alice", ALICE_TOKEN).await;
+    create_user(&env, "bob", "sub-bob", BOB_TOKEN).await;
+    create_sprite(&env, "alice-primary", "alice").await;
+    create_sprite(&env, "bob-primary", "bob").await;
+    let relay = start_relay(&env, |_| {}).await;
+    wait_cached(&relay, "alice").await;
+    wait_cached(&relay, "bob").await;
+    let alice_vm = format!("{}-alice-primary", env.ns.name);
+    let bob_vm = format!("{}-bob-primary", env.ns.name);
+    env.wait_ready("alice-primary", 240).await;
+
+    // The gateway token in the subprotocol reaches alice's runtime.
+    let mut ws = connect_browser(&relay, ALICE_TOKEN, "")
+        .await
+        .expect("alice connects");
+    let pong = ping(&mut ws, "g-1").await;
+    assert_eq!(pong["echo"], json!({"n": "g-1"}));
+    ws.close(None).await.ok();
+
+    // An HS256 JWT naming alice's subject, in the header this time.
+    let jwt = hs256(json!({"sub": "sub-alice", "exp": now() + 600}), HS_SECRET);
+    let mut ws = connect_bearer(&relay, &jwt, "?sprite=alice-primary")
+        .await
+        .expect("JWT connects");
+    ping(&mut ws, "j-1").await;
+    ws.close(None).await.ok();
+
+    // An RS256 JWT from the JWKS, in the subprotocol.
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("test-rsa".into());
+    let rs = jsonwebtoken::encode(
+        &h,
+        &json!({"sub": "sub-alice", "exp": now() + 600}),
+        &EncodingKey::from_rsa_pem(fixture("rsa-test-key.pem").as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let mut rs_ws = connect_browser(&relay, &rs, "").await.expect("RS256 connects");
+    ping(&mut rs_ws, "r-1").await;
+
+    // Refusals: none of them may open a proxy to any VM.
+    let before = (
+        proxy_calls(&env, &alice_vm).await,
+        proxy_calls(&env, &bob_vm).await,
+    );
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let none_alg = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&json!({"sub": "sub-alice", "exp": now() + 600}))
+    );
+    let confused = hs256(
+        json!({"sub": "sub-alice", "exp": now() + 600}),
+        fixture("rsa-test-pub.pem").as_bytes(),
+    );
+    let cases: Vec<(&str, String, &str, u16)> = vec![
+        (
+            "wrong gateway token",
+            "ffff0000111122223333444455556666".into(),
+            "",
+            4401,
+        ),
+        (
+            "expired JWT",
+            hs256(json!({"sub": "sub-alice", "exp": now() - 3600}), HS_SECRET),
+            "",
+            4401,
+        ),
+        (
+            "JWT signed with another secret",
+            hs256(
+                json!({"sub": "sub-alice", "exp": now() + 600}),
+                b"not-the-relay-secret-but-long-enough!",
+            ),
+            "",
+            4401,
+        ),
+        (
+            "JWT for a subject no User has",
+            hs256(json!({"sub": "sub-mallory", "exp": now() + 600}), HS_SECRET),
+            "",
+            4403,
+        ),
+        ("alg=none", none_alg, "", 4401),
+        (
+            "key confusion (HS256 keyed with the RSA public key)",
+            confused,
+            "",
+            4401,
+        ),
+        (
+            "alice asks for bob's sprite",
+            ALICE_TOKEN.into(),
+            "?sprite=bob-primary",
+            4403,
+        ),
+        (
+            "bob's JWT asks for alice's sprite",
+            hs256(json!({"sub": "sub-bob", "exp": now() + 600}), HS_SECRET),
+            "?sprite=alice-primary",
+            4403,
+        ),
+    ];
+    for (what, token, query, code) in &cases {
+        let mut ws = connect_browser(&relay, token, query)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(close_code(&mut ws).await, Some(*code), "{what}");
+        // The same token in a header gets an HTTP status instead.
+        match connect_bearer(&relay, token, query).await {
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), code - 4000, "{what} (header)")
+            }
+            other => panic!(
+                "{what} (header): expected an HTTP refusal, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    // No token at all; a query token without --allow-query-token.
+    match tokio_tungstenite::connect_async(relay.ws_url()).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 401),
+        other => panic!("no token: {:?}", other.map(|_| ())),
+    }
+    match tokio_tungstenite::connect_async(format!("{}?token={ALICE_TOKEN}", relay.ws_url())).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 401),
+        other => panic!("query token: {:?}", other.map(|_| ())),
+    }
+    // An oversized first frame from an authenticated browser: 1009, and the
+    // VM is not woken for it.
+    let mut ws = connect_browser(&relay, ALICE_TOKEN, "").await.unwrap();
+    let big = "x".repeat((1 << 20) + 1);
+    let _ = ws.send(Message::text(big)).await;
+    assert_eq!(close_code(&mut ws).await, Some(1009), "oversized frame");
+
+    let after = (
+        proxy_calls(&env, &alice_vm).await,
+        proxy_calls(&env, &bob_vm).await,
+    );
+    assert_eq!(before, after, "a refused connection reached a VM");
+    let metrics = relay.relay().metrics.encode();
+    say(&format!(
+        "relay refusals: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("refusals_total{"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+
+    // Users sharing a subject: both are refused from then on.
+    create_user(
+        &env,
+        "alice-twin",
+        "sub-alice",
+        "7777000011112222333344445555aaaa",
+    )
+    .await;
+    wait_cached(&relay, "alice-twin").await;
+    let mut ws = connect_browser(&relay, ALICE_TOKEN, "").await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(4403), "shared subject");
+
+    // The session that is still open (RS256) ends with 1001 on shutdown.
+    let ((), code) = tokio::join!(relay.shutdown(), close_code(&mut rs_ws));
+    assert_eq!(code, Some(1001), "shutdown closes sessions with 1001");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
+    let Some(env) = Env::new("relay-sleep").await else {
+        return;
+    };
+    create_user(&env, "carol", "sub-carol", ALICE_TOKEN).await;
+    create_sprite(&env, "carol-primary", "carol").await;
+    let relay = start_relay(&env, |c| c.idle_timeout = Duration::from_secs(4)).await;
+    wait_cached(&relay, "carol").await;
+    let vm = format!("{}-carol-primary", env.ns.name);
+    env.wait_ready("carol-primary", 240).await;
+
+    let mut ws = connect_browser(&relay, ALICE_TOKEN, "?session=tab-1")
+        .await
+        .expect("connects");
+    ping(&mut ws, "p-0").await;
+    let wakes_before = env.wakes(&vm).await;
+
+    // Missions in flight when the VM is put to sleep (its proxied TCP
+    // connections are cut), then more after it.
+    let ids: Vec<String> = (1..=20).map(|i| format!("m-{i:02}")).collect();
+    for id in &ids[..10] {
+        send(
+            &mut ws,
+            json!({"type": "mission", "payload": {"text": format!("task {id}")}, "id": id}),
+        )
+        .await;
+    }
+    let slept = reqwest::Client::new()
+        .post(format!("{}/sim/sprites/{vm}/sleep", env.sim().url()))
+        .bearer_auth(SIM_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(slept.status().is_success(), "force sleep: {}", slept.status());
+    for id in &ids[10..] {
+        send(
+            &mut ws,
+            json!({"type": "mission", "payload": {"text": format!("task {id}")}, "id": id}),
+        )
+        .await;
+    }
+
+    // Every id is acked exactly once, in order.
+    let mut acks: Vec<(String, String)> = vec![];
+    while acks.len() < ids.len() {
+        let v = next_json(&mut ws, 60)
+            .await
+            .unwrap_or_else(|e| panic!("acks so far {acks:?}: {e}"));
+        if v["type"] == "ack" {
+            acks.push((
+                v["payload"]["id"].as_str().unwrap().to_string(),
+                v["payload"]["status"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let acked: Vec<&String> = acks.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        acked,
+        ids.iter().collect::<Vec<_>>(),
+        "acks in order, none missing or repeated"
+    );
+    assert!(
+        acks.iter().all(|(_, s)| s == "processed" || s == "duplicate"),
+        "{acks:?}"
+    );
+    let resent = relay.relay().metrics.encode();
+    say(&format!(
+        "sleep test: acks {:?}; {}",
+        acks.iter().fold(HashMap::<&str, usize>::new(), |mut m, (_, s)| {
+            *m.entry(s.as_str()).or_default() += 1;
+            m
+        }),
+        resent
+            .lines()
+            .filter(|l| l.starts_with("sprite_operator_relay_resent_frames_total")
+                || l.starts_with("sprite_operator_relay_upstream_drops_total"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+    assert!(env.wakes(&vm).await > wakes_before, "the reconnect woke the VM");
+
+    // Exactly one mission row per id in the runtime's database.
+    let script = "import sqlite3; c = sqlite3.connect('/workspace/agent.db'); \
+        print(c.execute(\"select count(*), count(distinct text) from missions where session = 'tab-1'\").fetchone())";
+    let out = env
+        .sprites
+        .exec_collect(
+            &vm,
+            &ExecRequest::new(["/workspace/.venv/bin/python3", "-c", script])
+                .timeout(Duration::from_secs(30)),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "(20, 20)",
+        "missions stored once each; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // While the session is live the Sprite carries a lease in the future.
+    let sprites = env.ns.api::<Sprite>();
+    eventually("the session lease annotation", 30, || async {
+        let s = sprites.get("carol-primary").await.map_err(|e| e.to_string())?;
+        let v = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SESSION_ANNOTATION))
+            .ok_or("no annotation")?;
+        let until: jiff::Timestamp = v.parse().map_err(|e| format!("{v}: {e}"))?;
+        (until > jiff::Timestamp::now())
+            .then_some(())
+            .ok_or(format!("stale: {v}"))
+    })
+    .await;
+
+    // Idle browser: the relay closes its upstream so the VM may sleep; the
+    // browser stays connected and its next message wakes the VM again.
+    eventually("the relay to let go of the VM", 30, || async {
+        let n = env.stats().await["vms"][&vm]["active_connections"]
+            .as_u64()
+            .unwrap_or(99);
+        (n == 0).then_some(()).ok_or(format!("{n} connections"))
+    })
+    .await;
+    let pong = ping(&mut ws, "after-idle").await;
+    assert_eq!(pong["echo"], json!({"n": "after-idle"}));
+
+    let ((), code) = tokio::join!(relay.shutdown(), close_code(&mut ws));
+    assert_eq!(code, Some(1001), "shutdown closes sessions with 1001");
+}
