@@ -9,6 +9,9 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// How long shutdown waits for reconcilers, then for the lease release.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error("lease: {0}")]
@@ -59,7 +62,7 @@ where
             },
             _ = shutdown.cancelled() => {
                 drop(leading);
-                let _ = lease_task.await;
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, lease_task).await;
                 return Ok(());
             }
         }
@@ -79,12 +82,20 @@ where
         }
     };
     work_token.cancel();
-    let _ = worker.await;
+    // In-flight reconciles get a grace period; past it they are abandoned
+    // (each step is idempotent, so the next leader redoes what was cut).
+    let mut worker = worker;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut worker).await.is_err() {
+        warn!(lease = %settings.name, "reconcilers did not stop in time: aborting them");
+        worker.abort();
+    }
     // Closing the channel ends the manager's task, which releases the lease
     // so that a successor does not wait for it to expire.
     drop(leading);
-    if let Ok(Ok(manager)) = lease_task.await {
-        let _ = manager.release().await;
+    match tokio::time::timeout(SHUTDOWN_GRACE, lease_task).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(_) => warn!(lease = %settings.name, "lease manager ended with an error"),
+        Err(_) => warn!(lease = %settings.name, "lease not released in time; it expires on its own"),
     }
     result
 }

@@ -396,7 +396,11 @@ async fn two_replicas_never_both_reconcile() {
 
     // The leader stops; the follower takes over and reconciles.
     stop_a.cancel();
-    task_a.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task_a)
+        .await
+        .expect("replica A did not stop within 60 s")
+        .unwrap()
+        .unwrap();
     let before = reconciles(&ctx_a);
     env.ns
         .api::<Sprite>()
@@ -417,5 +421,9 @@ async fn two_replicas_never_both_reconcile() {
     .await;
     assert_eq!(reconciles(&ctx_a), before, "a stopped replica reconciled");
     stop_b.cancel();
-    task_b.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task_b)
+        .await
+        .expect("replica B did not stop within 60 s")
+        .unwrap()
+        .unwrap();
 }
