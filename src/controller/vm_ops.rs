@@ -16,6 +16,16 @@ use crate::api::{Sprite, SpriteStatus};
 use crate::runtime::{self, FileKind, RuntimeBundle};
 use crate::sprites::{self, ExecRequest};
 
+/// The bootstrap steps an update re-runs, in order.
+const UPDATE_STEPS: [BootstrapStep; 6] = [
+    BootstrapStep::Requirements,
+    BootstrapStep::PipInstall,
+    BootstrapStep::RuntimeFiles,
+    BootstrapStep::Schema,
+    BootstrapStep::MemoryTemplates,
+    BootstrapStep::Version,
+];
+
 const EXEC_PATH: &str = "/workspace/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub(super) fn base_exec(cmd: Vec<String>) -> ExecRequest {
@@ -214,33 +224,12 @@ pub(super) async fn update(
     } else {
         None
     };
+    // An update is the bootstrap from the requirements on: every step is
+    // idempotent, memory templates fill only gaps, VERSION comes last.
     let result = async {
-        write_files(ctx, vm, bundle.of_kind(FileKind::Requirements)).await?;
-        run(ctx, vm, "pip install", pip_install(ctx)).await?;
-        write_files(ctx, vm, bundle.of_kind(FileKind::Code)).await?;
-        if bundle.has_db_init() {
-            run(
-                ctx,
-                vm,
-                "schema",
-                vec![
-                    runtime::VENV_PYTHON.into(),
-                    "/workspace/src/db.py".into(),
-                    "init".into(),
-                ],
-            )
-            .await?;
+        for step in UPDATE_STEPS {
+            bootstrap_step(ctx, vm, step, bundle).await?;
         }
-        write_missing_templates(ctx, vm, bundle).await?;
-        ctx.sprites
-            .write_file(
-                vm,
-                runtime::VERSION_PATH,
-                format!("{}\n", bundle.version).into_bytes(),
-                0o644,
-                true,
-            )
-            .await?;
         Ok::<(), Error>(())
     }
     .await;

@@ -149,6 +149,18 @@ async fn apply_cm(ns: &TestNs, cm: &ConfigMap) {
         .unwrap();
 }
 
+async fn wait_deployed(ns: &TestNs, name: &str, version: &str) {
+    eventually(&format!("{name} to run {version}"), 120, || async {
+        let st = status_of(ns, name).await;
+        if st.deployed_version.as_deref() == Some(version) {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+}
+
 async fn vm_version(env: &Env, vm: &str) -> String {
     let v = env.sprites.read_file(vm, "/workspace/VERSION").await.unwrap();
     String::from_utf8_lossy(&v).trim().to_string()
@@ -207,15 +219,7 @@ async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
         )
         .await
         .unwrap();
-    eventually("the update on wake", 120, || async {
-        let st = status_of(&env.ns, "lazy").await;
-        if st.deployed_version.as_deref() == Some("cm-2") {
-            Ok(())
-        } else {
-            Err(format!("{st:?}"))
-        }
-    })
-    .await;
+    wait_deployed(&env.ns, "lazy", "cm-2").await;
     assert_eq!(vm_version(&env, "vm-lazy").await, "cm-2");
 }
 
@@ -242,15 +246,7 @@ async fn immediate_updates_now_and_a_failed_update_rolls_back() {
     let wakes_before = env.wakes("vm-eager").await;
 
     apply_cm(&env.ns, &runtime_config_map("cm-2", None)).await;
-    eventually("the immediate update", 120, || async {
-        let st = status_of(&env.ns, "eager").await;
-        if st.deployed_version.as_deref() == Some("cm-2") {
-            Ok(())
-        } else {
-            Err(format!("{st:?}"))
-        }
-    })
-    .await;
+    wait_deployed(&env.ns, "eager", "cm-2").await;
     assert!(
         env.wakes("vm-eager").await > wakes_before,
         "Immediate must wake the VM to update"
