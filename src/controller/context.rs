@@ -15,6 +15,41 @@ use super::metrics::Metrics;
 /// simulated day of heartbeats in seconds (decision 10).
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
+
+    /// Real time to wait for `d` of this clock's time to pass (requeues are
+    /// real timers).
+    fn to_real(&self, d: std::time::Duration) -> std::time::Duration {
+        d
+    }
+}
+
+/// A clock running `factor` times faster than real time from `start`: a
+/// simulated hour of heartbeats passes in 3600/factor real seconds.
+pub struct ScaledClock {
+    real_start: Timestamp,
+    sim_start: Timestamp,
+    factor: u32,
+}
+
+impl ScaledClock {
+    pub fn new(sim_start: Timestamp, factor: u32) -> ScaledClock {
+        ScaledClock {
+            real_start: Timestamp::now(),
+            sim_start,
+            factor: factor.max(1),
+        }
+    }
+}
+
+impl Clock for ScaledClock {
+    fn now(&self) -> Timestamp {
+        let real = Timestamp::now().duration_since(self.real_start);
+        self.sim_start + real * self.factor as i32
+    }
+
+    fn to_real(&self, d: std::time::Duration) -> std::time::Duration {
+        d / self.factor
+    }
 }
 
 pub struct SystemClock;
@@ -75,5 +110,24 @@ impl Context {
             clock,
             metrics: Arc::new(Metrics::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scaled_clock_runs_fast_and_scales_waits_back() {
+        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let c = ScaledClock::new(start, 120);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let passed = c.now().duration_since(start);
+        assert!(passed >= jiff::SignedDuration::from_secs(12), "{passed:?}");
+        assert!(passed < jiff::SignedDuration::from_secs(60), "{passed:?}");
+        assert_eq!(
+            c.to_real(std::time::Duration::from_secs(300)),
+            std::time::Duration::from_millis(2500)
+        );
     }
 }

@@ -26,7 +26,7 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Sprite, User};
-pub use context::{Clock, Context, OffsetClock, SystemClock};
+pub use context::{Clock, Context, OffsetClock, ScaledClock, SystemClock};
 pub use error::Error;
 
 /// Runs the Sprite and User controllers until `shutdown` fires.

@@ -91,7 +91,11 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     publish_events(&ctx, &sprite, &step, &outcome, old_phase, status.phase).await;
     outcome.map(|progress| match progress {
         true => Action::requeue(PROGRESS),
-        false => Action::requeue(idle_requeue(&sprite, now)),
+        false => Action::requeue(idle_requeue(
+            status.next_heartbeat_time.as_ref(),
+            now,
+            ctx.clock.as_ref(),
+        )),
     })
 }
 
@@ -528,14 +532,11 @@ async fn remove_finalizer(api: &Api<Sprite>, sprite: &Sprite) -> Result<(), Erro
 }
 
 /// Converged: come back at the next heartbeat tick, or for the resync.
-fn idle_requeue(sprite: &Sprite, now: Timestamp) -> Duration {
-    let next = sprite
-        .status
-        .as_ref()
-        .and_then(|s| s.next_heartbeat_time.as_ref())
-        .map(|t| elapsed(now, t.0));
-    match next {
-        Some(d) => d.clamp(Duration::from_millis(10), RESYNC),
+fn idle_requeue(next_tick: Option<&Time>, now: Timestamp, clock: &dyn super::Clock) -> Duration {
+    match next_tick {
+        Some(t) => clock
+            .to_real(elapsed(now, t.0))
+            .clamp(Duration::from_millis(10), RESYNC),
         None => RESYNC,
     }
 }

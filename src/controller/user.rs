@@ -186,7 +186,7 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
             let _ = ctx.recorder.publish(&ev, &user.object_ref(&())).await;
         }
     }
-    Ok(Action::requeue(requeue_after(now)))
+    Ok(Action::requeue(ctx.clock.to_real(requeue_after(now)).min(RESYNC)))
 }
 
 pub fn error_policy(_user: Arc<User>, err: &Error, ctx: Arc<Context>) -> Action {

@@ -423,3 +423,66 @@ async fn two_replicas_never_both_reconcile() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_simulated_hour_the_only_wakes_are_heartbeats() {
+    use std::sync::Arc;
+    // 120x: a simulated hour in 30 real seconds, a tick every 2.5 s.
+    let clock = Arc::new(sprite_operator::controller::ScaledClock::new(
+        jiff::Timestamp::now(),
+        120,
+    ));
+    let Some(env) = Env::with(
+        "sim-hour",
+        |mut c| {
+            c.idle_timeout = Duration::from_millis(800);
+            c
+        },
+        crate::sprite_controller::test_config(),
+        clock.clone(),
+    )
+    .await
+    else {
+        return;
+    };
+    create_sprite(
+        &env.ns,
+        "hourly",
+        json!({"spriteName": "vm-hourly",
+               "heartbeat": {"schedule": "*/5 * * * *", "duration": "1m", "startingDeadlineSeconds": 120}}),
+    )
+    .await;
+    env.wait_ready("hourly", 180).await;
+    force_sleep(&env, "vm-hourly").await;
+    let start = status_of(&env.ns, "hourly").await;
+    let sim_start = env.stats().await["vms"]["vm-hourly"]["wakes"].clone();
+    let t0 = sprite_operator::controller::Clock::now(clock.as_ref());
+    // One simulated hour.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let t1 = sprite_operator::controller::Clock::now(clock.as_ref());
+    let end = status_of(&env.ns, "hourly").await;
+    let sim_end = env.stats().await["vms"]["vm-hourly"]["wakes"].clone();
+
+    let hours = t1.duration_since(t0).as_secs_f64() / 3600.0;
+    assert!((0.9..1.3).contains(&hours), "simulated {hours} h");
+    let beats = end.wakes - start.wakes;
+    assert!(
+        (10..=13).contains(&beats),
+        "expected ~12 heartbeats at */5 over an hour, got {beats}"
+    );
+    // Every wake the sim saw after bootstrap was a heartbeat's exec: nothing
+    // else (status reads, reconciles) woke the VM.
+    let delta = |cause: &str| sim_end[cause].as_i64().unwrap_or(0) - sim_start[cause].as_i64().unwrap_or(0);
+    assert_eq!(delta("exec"), beats, "wakes by exec {sim_start} -> {sim_end}");
+    for cause in ["fs", "proxy", "checkpoint"] {
+        assert_eq!(
+            delta(cause),
+            0,
+            "an operator {cause} call woke the VM: {sim_start} -> {sim_end}"
+        );
+    }
+    assert_eq!(
+        end.skipped_heartbeats, start.skipped_heartbeats,
+        "ticks were missed"
+    );
+}
