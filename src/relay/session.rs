@@ -112,6 +112,15 @@ where
     let m = &relay.metrics;
     m.sessions.inc();
     m.sessions_active.inc();
+    // Looked up once: a family lookup takes a lock, a counter is an atomic.
+    let frames_up = m
+        .frames
+        .get_or_create(&DirectionLabels { direction: "up" })
+        .clone();
+    let frames_down = m
+        .frames
+        .get_or_create(&DirectionLabels { direction: "down" })
+        .clone();
     let now = Instant::now();
     let mut st = State {
         outbox: Outbox::new(cfg.outbox),
@@ -227,7 +236,7 @@ where
                         break End::BrowserGone;
                     }
                 }
-                m.frames.get_or_create(&DirectionLabels { direction: "up" }).inc();
+                frames_up.inc();
                 if let Some(ws) = up.as_mut()
                     && flush_outbox(ws, &mut st.outbox).await.is_err()
                 {
@@ -259,7 +268,7 @@ where
                         continue;
                     }
                 };
-                m.frames.get_or_create(&DirectionLabels { direction: "down" }).inc();
+                frames_down.inc();
                 if browser.send(forward).await.is_err() {
                     break End::BrowserGone;
                 }
