@@ -36,6 +36,11 @@ const LATENCY_ROUNDS: usize = 3000;
 const WARMUP_ROUNDS: usize = 500;
 const FRAME: usize = 16 * 1024;
 const THROUGHPUT_FRAMES: usize = 4096;
+
+fn throughput_frames() -> usize {
+    // RELAY_BENCH_FRAMES=1 leaves almost only the latency phase (for profiling).
+    std::env::var("RELAY_BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(THROUGHPUT_FRAMES)
+}
 const WINDOW: usize = 64;
 const IDLE_SESSIONS: usize = 1000;
 
@@ -121,7 +126,12 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
     );
     let file = dir.join("directory.yaml");
     std::fs::write(&file, directory).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sprite-operator"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sprite-operator"));
+    // RELAY_THREADS=n runs the relay with n tokio workers (default: one per core).
+    if let Ok(n) = std::env::var("RELAY_THREADS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
+    let mut child = cmd
         .args([
             "relay",
             "--listen",
@@ -295,14 +305,14 @@ async fn throughput(mode: Mode, addr: SocketAddr) -> f64 {
     let start = Instant::now();
     let w = window.clone();
     let writer = tokio::spawn(async move {
-        for _ in 0..THROUGHPUT_FRAMES {
+        for _ in 0..throughput_frames() {
             w.acquire().await.unwrap().forget();
             tx.send(msg.clone()).await.unwrap();
         }
         tx
     });
     let mut got = 0usize;
-    while got < THROUGHPUT_FRAMES {
+    while got < throughput_frames() {
         if let Message::Text(t) = rx.next().await.unwrap().unwrap() {
             assert_eq!(t.len(), FRAME);
             got += 1;
@@ -312,7 +322,7 @@ async fn throughput(mode: Mode, addr: SocketAddr) -> f64 {
     let elapsed = start.elapsed();
     let mut tx = writer.await.unwrap();
     let _ = tx.close().await;
-    (THROUGHPUT_FRAMES * FRAME) as f64 / elapsed.as_secs_f64() / 1e6
+    (throughput_frames() * FRAME) as f64 / elapsed.as_secs_f64() / 1e6
 }
 
 /// KiB of the proxy's RSS per idle session, over IDLE_SESSIONS sessions.
@@ -345,7 +355,7 @@ fn us(d: Duration) -> f64 {
 /// Trials run in turns (direct, nginx, relay, direct, ...) so that load
 /// from other processes on a shared machine hits every path alike; each
 /// figure is the median over trials.
-const TRIALS: usize = 5;
+const TRIALS: usize = 9;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -139,6 +139,10 @@ where
     let sleep = tokio::time::sleep_until(now + NEVER);
     tokio::pin!(sleep);
     let mut timer_at = now + NEVER;
+    // Registered once: a fresh `cancelled()` per turn would take the token's
+    // lock twice for every frame.
+    let shutdown = relay.shutdown.cancelled();
+    tokio::pin!(shutdown);
     info!("session started");
 
     let end = loop {
@@ -174,7 +178,7 @@ where
 
         tokio::select! {
             biased;
-            _ = relay.shutdown.cancelled() => break End::Shutdown,
+            _ = &mut shutdown => break End::Shutdown,
             r = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;
                 match r {
