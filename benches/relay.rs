@@ -39,7 +39,10 @@ const THROUGHPUT_FRAMES: usize = 4096;
 
 fn throughput_frames() -> usize {
     // RELAY_BENCH_FRAMES=1 leaves almost only the latency phase (for profiling).
-    std::env::var("RELAY_BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(THROUGHPUT_FRAMES)
+    std::env::var("RELAY_BENCH_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(THROUGHPUT_FRAMES)
 }
 const WINDOW: usize = 64;
 const IDLE_SESSIONS: usize = 1000;
