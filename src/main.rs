@@ -121,6 +121,10 @@ struct RelayArgs {
     /// How far ahead the session annotation on the Sprite points (refreshed at half of it).
     #[arg(long, default_value = "2m")]
     session_lease: humantime::Duration,
+    /// Read buffer of each WebSocket (two per session), allocated up front:
+    /// most of an idle session's memory. Larger favours throughput of big frames.
+    #[arg(long, default_value_t = 4096)]
+    ws_read_buffer_bytes: usize,
     /// How long sessions get to close on shutdown.
     #[arg(long, default_value = "10s")]
     drain_timeout: humantime::Duration,
@@ -312,6 +316,7 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         lease: args.session_lease.into(),
         lease_refresh: std::time::Duration::from(args.session_lease) / 2,
         drain_timeout: args.drain_timeout.into(),
+        read_buffer_bytes: args.ws_read_buffer_bytes,
         ..RelayConfig::default()
     };
     let jwt = JwtVerifier::from_files(args.jwt_hs256_secret_file.as_deref(), args.jwks_file.as_deref())

@@ -639,6 +639,50 @@ pub(crate) mod tests {
         assert!(authenticate(&good, &JwtVerifier::none(), &users).is_err());
     }
 
+    fn fixture(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/relay")
+            .join(name);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_rsa_key_confusion() {
+        let v = JwtVerifier::none()
+            .with_hs256_secret(SECRET)
+            .unwrap()
+            .with_jwks(&fixture("rsa-test-jwks.json"))
+            .unwrap();
+        let key = EncodingKey::from_rsa_pem(fixture("rsa-test-key.pem").as_bytes()).unwrap();
+        let claims = json!({"sub": "s", "exp": now() + 600});
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("test-rsa".into());
+        assert_eq!(v.verify(&encode(&h, &claims, &key).unwrap()).unwrap(), "s");
+        // No kid: the RSA keys of the set are tried.
+        assert_eq!(
+            v.verify(&encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap())
+                .unwrap(),
+            "s"
+        );
+        // RS384 is not on the allow-list even with the right key.
+        let mut h384 = Header::new(Algorithm::RS384);
+        h384.kid = Some("test-rsa".into());
+        assert!(v.verify(&encode(&h384, &claims, &key).unwrap()).is_err());
+        // The classic confusion: HS256 keyed with the public key PEM, with
+        // and without the RSA key's kid.
+        let public = fixture("rsa-test-pub.pem");
+        let mut hh = Header::new(Algorithm::HS256);
+        assert!(
+            v.verify(&encode(&hh, &claims, &EncodingKey::from_secret(public.as_bytes())).unwrap())
+                .is_err()
+        );
+        hh.kid = Some("test-rsa".into());
+        assert!(
+            v.verify(&encode(&hh, &claims, &EncodingKey::from_secret(public.as_bytes())).unwrap())
+                .is_err()
+        );
+    }
+
     #[test]
     fn issuer_and_audience_when_configured() {
         let v = JwtVerifier::none()

@@ -112,6 +112,15 @@ where
     let m = &relay.metrics;
     m.sessions.inc();
     m.sessions_active.inc();
+    // Looked up once: a family lookup takes a lock, a counter is an atomic.
+    let frames_up = m
+        .frames
+        .get_or_create(&DirectionLabels { direction: "up" })
+        .clone();
+    let frames_down = m
+        .frames
+        .get_or_create(&DirectionLabels { direction: "down" })
+        .clone();
     let now = Instant::now();
     let mut st = State {
         outbox: Outbox::new(cfg.outbox),
@@ -130,6 +139,10 @@ where
     let sleep = tokio::time::sleep_until(now + NEVER);
     tokio::pin!(sleep);
     let mut timer_at = now + NEVER;
+    // Registered once: a fresh `cancelled()` per turn would take the token's
+    // lock twice for every frame.
+    let shutdown = relay.shutdown.cancelled();
+    tokio::pin!(shutdown);
     info!("session started");
 
     let end = loop {
@@ -165,7 +178,7 @@ where
 
         tokio::select! {
             biased;
-            _ = relay.shutdown.cancelled() => break End::Shutdown,
+            _ = &mut shutdown => break End::Shutdown,
             r = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;
                 match r {
@@ -227,7 +240,7 @@ where
                         break End::BrowserGone;
                     }
                 }
-                m.frames.get_or_create(&DirectionLabels { direction: "up" }).inc();
+                frames_up.inc();
                 if let Some(ws) = up.as_mut()
                     && flush_outbox(ws, &mut st.outbox).await.is_err()
                 {
@@ -259,7 +272,7 @@ where
                         continue;
                     }
                 };
-                m.frames.get_or_create(&DirectionLabels { direction: "down" }).inc();
+                frames_down.inc();
                 if browser.send(forward).await.is_err() {
                     break End::BrowserGone;
                 }
