@@ -57,8 +57,11 @@ demo: build ## Run everything locally on the embedded simulator (Ctrl-C stops)
 	KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" $(BIN) demo
 
 .PHONY: bench
-bench: ## Run the benchmarks and print their figures
+bench: ## Run the benchmarks and print their figures (installs nginx, the relay's peer)
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
+	  { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 	$(CARGO) bench --bench sim_client
+	$(CARGO) bench --bench relay
 
 .PHONY: e2e-kind
 e2e-kind: ## End-to-end tests in a kind cluster built offline

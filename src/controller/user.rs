@@ -15,7 +15,6 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use rand::RngCore;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::context::Context;
@@ -39,9 +38,9 @@ pub fn gateway_secret_name(user: &str) -> String {
 }
 
 /// Hex SHA-256 of a gateway token: what status publishes and the relay
-/// compares (decision 8).
+/// compares (decision 8). The relay's function, so both sides hash alike.
 pub fn token_sha256(token: &[u8]) -> String {
-    hex::encode(Sha256::digest(token))
+    crate::relay::gateway_token_sha256(&String::from_utf8_lossy(token))
 }
 
 /// Whether the period's usage has spent the tier's budget.

@@ -1,16 +1,15 @@
 //! The relay end to end: the real apiserver, the Sprite controller, the
 //! simulator and the runtime, with the relay in-process on 127.0.0.1:0.
 //!
-//! The User reconciler is not in this branch yet, so these tests write
-//! `status.gatewayTokenSha256` themselves with a status patch, as that
-//! reconciler will.
+//! Each User's gateway token is provisioned by creating its `<user>-gateway`
+//! Secret before the User; the User reconciler adopts it and publishes its
+//! hash, which is what the relay checks.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use sprite_operator::api::sprite::SESSION_ANNOTATION;
 use sprite_operator::api::{Sprite, User};
@@ -53,21 +52,24 @@ fn hs256(claims: Value, secret: &[u8]) -> String {
     .unwrap()
 }
 
-/// A User with a subject and (as the User reconciler would write it) the
-/// hash of its gateway token.
+/// A User with a subject whose gateway token is `token`: its Secret exists
+/// first, so the User reconciler publishes that token's hash.
 async fn create_user(env: &Env, name: &str, subject: &str, token: &str) {
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{name}-gateway")},
+        "stringData": {"token": token}});
+    apply(&env.ns, &secret).await;
     let doc = json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User",
         "metadata": {"name": name}, "spec": {"email": format!("{name}@example.com"), "subject": subject, "tier": "free"}});
     apply(&env.ns, &doc).await;
-    env.ns
-        .api::<User>()
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"gatewayTokenSha256": gateway_token_sha256(token)}})),
-        )
-        .await
-        .expect("status patch");
+    let want = gateway_token_sha256(token);
+    eventually(&format!("{name}'s token hash in status"), 60, || async {
+        let u = env.ns.api::<User>().get(name).await.map_err(|e| e.to_string())?;
+        match u.status.and_then(|s| s.gateway_token_sha256) {
+            Some(h) if h == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 /// A Sprite owned by `user`, with a short VM name.
