@@ -62,6 +62,8 @@ bench: ## Run the benchmarks and print their figures (installs nginx, the relay'
 	  { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 	$(CARGO) bench --bench sim_client
 	$(CARGO) bench --bench relay
+	@assets=$$(hack/controlplane/build.sh); eval "$$(hack/python-env.sh)"; \
+	  KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" $(CARGO) bench --bench apply_to_ready
 
 .PHONY: e2e-kind
 e2e-kind: ## End-to-end tests in a kind cluster built offline

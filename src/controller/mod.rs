@@ -10,7 +10,7 @@ pub mod sprite;
 mod sprite_status;
 pub mod usage;
 pub mod user;
-mod vm_ops;
+pub mod vm_ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

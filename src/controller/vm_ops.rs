@@ -90,7 +90,7 @@ async fn write_files<'a>(
     Ok(())
 }
 
-pub(super) async fn bootstrap_step(
+pub async fn bootstrap_step(
     ctx: &Context,
     vm: &str,
     step: BootstrapStep,
