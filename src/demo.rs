@@ -173,6 +173,25 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
     apply_examples(&client, &opts.examples).await?;
     wait_ready(&client, Duration::from_secs(600)).await?;
     let token = gateway_token(&client).await?;
+    // The relay authenticates from its own watch cache: hand out the token
+    // only once the relay knows it, or the first connect is refused.
+    let want = crate::relay::gateway_token_sha256(&token);
+    let t_cache = Instant::now();
+    while !relay
+        .relay()
+        .directory
+        .users()
+        .iter()
+        .any(|u| u.status.as_ref().and_then(|s| s.gateway_token_sha256.as_deref()) == Some(want.as_str()))
+    {
+        if t_cache.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Timeout(
+                t_cache.elapsed(),
+                "the relay to learn the gateway token".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let page = PageConfig {
         ws_url: format!("{}?sprite={DEMO_SPRITE}", relay.ws_url()),
