@@ -4,6 +4,7 @@
 
 mod common;
 mod control_plane;
+mod helm_chart;
 mod sim_support;
 mod sprite_controller;
 mod sprite_lifecycle;
