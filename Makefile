@@ -42,13 +42,24 @@ lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+.PHONY: shellcheck
+shellcheck: ## Lint every shell script (*.sh and .ci/run) with shellcheck
+	shellcheck .ci/run $$(git ls-files --cached --others --exclude-standard '*.sh')
+
+.PHONY: helm-lint
+helm-lint: ## helm lint --strict the chart with default and every-option values
+	@assets=$$(hack/controlplane/build.sh helm); \
+	"$$assets/helm" lint --strict charts/sprite-operator --set sprites.token=x; \
+	"$$assets/helm" lint --strict charts/sprite-operator -f charts/sprite-operator/ci/values-full.yaml
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: crds
-crds: build ## Regenerate crds/ from the Rust types
+crds: build ## Regenerate crds/ (and the chart's copies) from the Rust types
 	$(BIN) crds --out-dir crds
+	cp crds/*.yaml charts/sprite-operator/crds/
 
 .PHONY: demo
 demo: build ## Run everything locally on the embedded simulator (Ctrl-C stops)
@@ -68,3 +79,44 @@ bench: ## Run the benchmarks and print their figures (installs nginx, the relay'
 .PHONY: e2e-kind
 e2e-kind: ## End-to-end tests in a kind cluster built offline
 	@echo "not built yet"; exit 1
+
+# Images. With a registry: `make image` builds Dockerfile (release, musl,
+# distroless). Without one: build the Debian base images once
+# (`make image-base`, debootstrap), then `make image IMAGE_BASE=...`, which
+# puts the debug binary on that base with Dockerfile.local and no network.
+IMAGE ?= sprite-operator:dev
+IMAGE_SIM ?= sprite-operator-sim:dev
+IMAGE_BASE ?=
+IMAGE_BASE_SIM ?= sprite-operator-base-sim:bookworm
+IMAGE_CONTEXT := target/image-context
+
+.PHONY: image-base
+image-base: ## Build the registry-free Debian base images (debootstrap; root, dockerd)
+	hack/image-base.sh all
+
+.PHONY: image
+image: ## Build the operator image (IMAGE_BASE=<local base>: Dockerfile.local, no registry)
+	@if [ -n "$(IMAGE_BASE)" ]; then \
+	  $(CARGO) build; \
+	  rm -rf $(IMAGE_CONTEXT) && mkdir -p $(IMAGE_CONTEXT); \
+	  cp $(BIN) Dockerfile.local $(IMAGE_CONTEXT)/; \
+	  docker build -f $(IMAGE_CONTEXT)/Dockerfile.local --target operator \
+	    --build-arg IMAGE_BASE=$(IMAGE_BASE) -t $(IMAGE) $(IMAGE_CONTEXT); \
+	else \
+	  docker build --target operator -t $(IMAGE) .; \
+	fi
+
+.PHONY: image-sim
+image-sim: ## Build the simulator image (binary + python3, venv, wheelhouse); IMAGE_BASE set: no registry
+	@if [ -n "$(IMAGE_BASE)" ]; then \
+	  $(CARGO) build; \
+	  eval "$$(hack/python-env.sh)"; \
+	  rm -rf $(IMAGE_CONTEXT) && mkdir -p $(IMAGE_CONTEXT); \
+	  cp $(BIN) Dockerfile.local $(IMAGE_CONTEXT)/; \
+	  cp -r "$$WHEELHOUSE" $(IMAGE_CONTEXT)/wheelhouse; \
+	  docker build -f $(IMAGE_CONTEXT)/Dockerfile.local --target sim \
+	    --build-arg IMAGE_BASE=$(IMAGE_BASE) --build-arg IMAGE_BASE_SIM=$(IMAGE_BASE_SIM) \
+	    -t $(IMAGE_SIM) $(IMAGE_CONTEXT); \
+	else \
+	  docker build --target sim -t $(IMAGE_SIM) .; \
+	fi

@@ -12,9 +12,9 @@ cd "$tmp"
 go mod init sprite-operator.dev/hack/controlplane >/dev/null 2>&1
 gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
 staging="v0.${K8S_VERSION#1.}"
-for m in $(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod"); do
+while IFS= read -r m; do
   go mod edit -replace="$m=$m@$staging"
-done
+done < <(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod")
 p=k8s.io/kubernetes/cmd
 go get "$p/kube-apiserver@v$K8S_VERSION" "$p/kube-controller-manager@v$K8S_VERSION" "$p/kubectl@v$K8S_VERSION"
 cp go.mod go.sum "$here/"

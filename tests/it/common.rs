@@ -15,7 +15,7 @@ pub fn say(line: &str) {
 
 /// Why a cluster test cannot run here, or None when it can. In CI a missing
 /// control plane is a failure, never a skip.
-fn unavailable_reason() -> Option<String> {
+pub fn unavailable_reason() -> Option<String> {
     if std::env::var_os("KUBEBUILDER_ASSETS").is_some() {
         return None;
     }

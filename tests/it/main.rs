@@ -5,6 +5,7 @@
 mod common;
 mod control_plane;
 mod demo;
+mod helm_chart;
 mod relay;
 mod sim_support;
 mod sprite_controller;
