@@ -5,9 +5,10 @@
 //! exactly the access the code needs: the allowed calls succeed and calls
 //! outside the rules are forbidden.
 //!
-//! Not covered here (no kubelet in this control plane, so no pod runs): the
-//! controller running as its ServiceAccount against the examples, and
-//! `helm test`. Those belong to the kind e2e.
+//! The controller also runs in-process with its ServiceAccount's token (no
+//! kubelet here, so no pod runs) and reconciles the examples to Ready, which
+//! proves the rules are sufficient as well as narrow. `helm test` needs
+//! running pods and belongs to the kind e2e.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -677,4 +678,63 @@ async fn helm_install_and_least_privilege_rbac() {
             ],
         ),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reconciles_the_examples_as_its_service_account() {
+    let Some(mut env) = crate::sprite_controller::Env::new("helm-sa").await else {
+        return;
+    };
+    env.kill_controller().await;
+    let helm_bin = tool("helm").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let release = format!("sa{}", &env.ns.name[env.ns.name.len() - 8..]);
+    let kubeconfig = env.ns.plane.kubeconfig_path().to_str().unwrap().to_string();
+    let installed = helm(
+        &helm_bin,
+        home.path(),
+        &[
+            "install",
+            &release,
+            chart_dir().to_str().unwrap(),
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            &env.ns.name,
+            "--set",
+            "sprites.token=test-token",
+        ],
+    );
+    ok("helm install", installed);
+    let sa_client = client_as(&env.ns, &format!("{release}-sprite-operator-controller")).await;
+    // Leader election on, as deployed: the Lease rules are exercised too.
+    env.start_controller_as(sa_client, true);
+    for file in ["user.yaml", "secret-api-keys.yaml", "sprite.yaml"] {
+        env.apply_example(file).await;
+    }
+    env.wait_ready("alice-primary", 240).await;
+    env.wait_ready("research", 240).await;
+    crate::common::eventually("the User to be Active", 60, || async {
+        let u = env
+            .ns
+            .api::<User>()
+            .get("alice")
+            .await
+            .map_err(|e| e.to_string())?;
+        let st = u.status.unwrap_or_default();
+        if st.phase == Some(sprite_operator::api::user::UserPhase::Active)
+            && st.gateway_token_sha256.is_some()
+        {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    // The gateway Secret was created with the ServiceAccount's rights.
+    env.ns
+        .api::<Secret>()
+        .get("alice-gateway")
+        .await
+        .expect("gateway Secret");
 }

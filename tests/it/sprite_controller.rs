@@ -85,14 +85,40 @@ impl Env {
     }
 
     pub fn start_controller(&mut self) {
+        let client = self.ns.client.clone();
+        self.start_controller_as(client, false);
+    }
+
+    /// Runs the controller with `client`'s credentials (e.g. a
+    /// ServiceAccount token), optionally behind leader election.
+    pub fn start_controller_as(&mut self, client: kube::Client, leader_election: bool) {
         let ctx = Arc::new(Context::new(
-            self.ns.client.clone(),
+            client.clone(),
             self.sprites.clone(),
             self.config.clone(),
             self.clock.clone(),
         ));
         let token = CancellationToken::new();
-        let handle = tokio::spawn(controller::run(ctx, Some(self.ns.name.clone()), token.clone()));
+        let ns = self.ns.name.clone();
+        let handle = if leader_election {
+            let settings = controller::leader::LeaseSettings {
+                namespace: ns.clone(),
+                name: "sprite-operator-controller".into(),
+                identity: "it-controller".into(),
+                duration_secs: 15,
+                grace_secs: 5,
+            };
+            let shutdown = token.clone();
+            tokio::spawn(async move {
+                controller::leader::run_as_leader(client, settings, shutdown, move |t| {
+                    controller::run(ctx, Some(ns), t)
+                })
+                .await
+                .expect("leader election");
+            })
+        } else {
+            tokio::spawn(controller::run(ctx, Some(ns), token.clone()))
+        };
         self.controller = Some((token, handle));
     }
 
