@@ -164,7 +164,7 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         },
         directory,
         jwt: JwtVerifier::none(),
-        connector: Connector::Sprites(sprites),
+        connector: Connector::Sprites(sprites.clone()),
         kube: Some(client.clone()),
     })
     .await?;
@@ -172,6 +172,7 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
 
     apply_examples(&client, &opts.examples).await?;
     wait_ready(&client, Duration::from_secs(600)).await?;
+    wait_listening(&client, &sprites).await?;
     let token = gateway_token(&client).await?;
     // The relay authenticates from its own watch cache: hand out the token
     // only once the relay knows it, or the first connect is refused.
@@ -341,6 +342,31 @@ async fn wait_ready(client: &kube::Client, limit: Duration) -> Result<(), DemoEr
     Err(DemoError::Timeout(
         limit,
         format!("Sprite {DEMO_SPRITE} to be Ready"),
+    ))
+}
+
+/// Ready means the server was started; the page works once it listens.
+async fn wait_listening(client: &kube::Client, sprites: &SpritesClient) -> Result<(), DemoError> {
+    let vm = Api::<Sprite>::namespaced(client.clone(), NAMESPACE)
+        .get(DEMO_SPRITE)
+        .await?
+        .status
+        .and_then(|s| s.sprite_name)
+        .unwrap_or_else(|| format!("{NAMESPACE}-{DEMO_SPRITE}"));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        if sprites
+            .proxy(&vm, "localhost", crate::api::sprite::DEFAULT_PORT as u16)
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(DemoError::Timeout(
+        t0.elapsed(),
+        format!("the runtime of {DEMO_SPRITE} to listen on 8765"),
     ))
 }
 

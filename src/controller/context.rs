@@ -89,6 +89,8 @@ pub struct Context {
     pub config: OperatorConfig,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// VM metadata from the periodic list (decision 3).
+    pub vms: super::vm_cache::VmCache,
 }
 
 impl Context {
@@ -109,6 +111,7 @@ impl Context {
             config,
             clock,
             metrics: Arc::new(Metrics::default()),
+            vms: super::vm_cache::VmCache::new(super::VM_LIST_INTERVAL),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod sprite;
 mod sprite_status;
 pub mod usage;
 pub mod user;
+pub mod vm_cache;
 pub mod vm_ops;
 
 use std::net::SocketAddr;
@@ -29,6 +30,9 @@ use crate::api::{Sprite, User};
 pub use context::{Clock, Context, OffsetClock, ScaledClock, SystemClock};
 pub use error::Error;
 
+/// How often every VM's metadata is listed for steady-state reconciles.
+pub const VM_LIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs the Sprite and User controllers until `shutdown` fires.
 ///
 /// Besides Sprites it watches what a Sprite's decisions read: its runtime
@@ -45,6 +49,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             None => Api::all(client.clone()),
         }
     }
+    let lister = {
+        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            ctx.vms
+                .refresh_loop(ctx.sprites.clone(), VM_LIST_INTERVAL, stop)
+                .await
+        })
+    };
     let client = &ctx.client;
     let controller = Controller::new(
         api::<Sprite>(client, &namespace),
@@ -115,6 +127,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     .run(user::reconcile, user::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
     futures::join!(sprites, users);
+    lister.abort();
 }
 
 /// Sprites in `ns` (from the controller's own cache) for which `pred` holds.

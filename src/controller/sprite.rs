@@ -19,6 +19,7 @@ use super::metrics::{StepLabels, WakeLabels};
 use super::plan::{self, Facts, ObservedVm, Step};
 use super::schedule::{Schedule, SkipReason, decide};
 use super::sprite_status::{derive_conditions, publish_events, write_status_if_changed};
+use super::vm_cache::Cached;
 use super::vm_ops::{base_exec, bootstrap_step, start_server, update};
 use crate::api::sprite::{
     ADOPT_ANNOTATION, ActiveHeartbeat, BootstrapStatus, BootstrapStep, FINALIZER, SESSION_ANNOTATION,
@@ -47,12 +48,37 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     let api: Api<Sprite> = Api::namespaced(ctx.client.clone(), &ns);
     let now = ctx.clock.now();
     let vm_name = sprite.vm_name();
-    let mut status = sprite.status.clone().unwrap_or_default();
-    status.sprite_name = Some(vm_name.clone());
+    let mut base = sprite.status.clone().unwrap_or_default();
+    base.sprite_name = Some(vm_name.clone());
+    let mut status = base.clone();
 
-    let observed = observe(&sprite, &ctx, &ns, &vm_name, &mut status, now).await?;
-    let step = plan::next_step(&observed.facts);
+    // Read the VM from the periodic list; a pass about to act reads it again
+    // with a get, so no change is ever made on a stale list entry.
+    let mut observed = observe(&sprite, &ctx, &ns, &vm_name, &mut status, now, VmRead::List).await?;
+    let mut step = plan::next_step(&observed.facts);
+    if observed.vm_from_list && !matches!(step, Step::Idle | Step::Blocked(_)) {
+        let fresh = get_vm(&ctx, &vm_name).await?;
+        if !same_vm(fresh.as_ref(), observed.vm.as_ref()) {
+            status = base.clone();
+            observed = observe(
+                &sprite,
+                &ctx,
+                &ns,
+                &vm_name,
+                &mut status,
+                now,
+                VmRead::Known(fresh.map(Box::new)),
+            )
+            .await?;
+            step = plan::next_step(&observed.facts);
+        }
+    }
     tracing::debug!(sprite = %sprite.name_any(), namespace = %ns, ?step, "next step");
+    // A due tick is consumed by starting its heartbeat (or by suspension);
+    // while another step runs first it stays planned, so it is not lost.
+    if let Some(d) = &observed.tick {
+        record_tick(&mut status, d, observed.facts.suspended, &step);
+    }
 
     let t0 = Instant::now();
     let outcome = perform(&step, &sprite, &ctx, &api, &vm_name, &observed, &mut status, now).await;
@@ -92,7 +118,8 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     outcome.map(|progress| match progress {
         true => Action::requeue(PROGRESS),
         false => Action::requeue(idle_requeue(
-            status.next_heartbeat_time.as_ref(),
+            &status,
+            observed.schedule.as_ref(),
             now,
             ctx.clock.as_ref(),
         )),
@@ -127,6 +154,37 @@ pub(super) struct Observed {
     pub(super) rate: MicroUsd,
     pub(super) clamped: bool,
     pub(super) suspend_reason: Option<(&'static str, String)>,
+    pub(super) vm_from_list: bool,
+    /// The heartbeat decision; status records it once the tick is consumed.
+    pub(super) tick: Option<super::schedule::TickDecision>,
+}
+
+#[derive(Debug)]
+enum VmRead {
+    /// The periodic list, when recent enough; a get otherwise.
+    List,
+    /// What a get just returned.
+    Known(Option<Box<sprites::Sprite>>),
+}
+
+/// A metadata get (never wakes the VM), remembered in the cache.
+async fn get_vm(ctx: &Context, vm_name: &str) -> Result<Option<sprites::Sprite>, Error> {
+    let vm = match ctx.sprites.get_sprite(vm_name).await {
+        Ok(vm) => Some(vm),
+        Err(sprites::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    ctx.vms.record(vm_name, vm.clone());
+    Ok(vm)
+}
+
+/// Whether two reads of a VM agree on what decisions use.
+fn same_vm(a: Option<&sprites::Sprite>, b: Option<&sprites::Sprite>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.status == b.status && a.labels == b.labels && a.id == b.id,
+        _ => false,
+    }
 }
 
 async fn observe(
@@ -136,12 +194,16 @@ async fn observe(
     vm_name: &str,
     status: &mut SpriteStatus,
     now: Timestamp,
+    read: VmRead,
 ) -> Result<Observed, Error> {
-    // A metadata call: it reports status without waking the VM (decision 3).
-    let vm = match ctx.sprites.get_sprite(vm_name).await {
-        Ok(vm) => Some(vm),
-        Err(sprites::Error::NotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
+    // Metadata calls: they report status without waking the VM (decision 3).
+    let (vm, vm_from_list) = match read {
+        VmRead::Known(vm) => (vm.map(|b| *b), false),
+        VmRead::List => match ctx.vms.lookup(vm_name, Instant::now()) {
+            Cached::Present(vm) => (Some(*vm), true),
+            Cached::Absent => (None, true),
+            Cached::Unknown => (get_vm(ctx, vm_name).await?, false),
+        },
     };
     let uid_label = format!("{UID_LABEL_PREFIX}{}", sprite.uid().unwrap_or_default());
     let adopt = sprite
@@ -194,18 +256,18 @@ async fn observe(
         .map_or_else(|| ctx.config.tier(crate::api::Tier::Free).rate(), |t| t.rate());
     let (mut schedule, mut schedule_error, mut heartbeat_due, mut skipped, mut clamped) =
         (None, None, None, None, false);
+    let mut tick = None;
     if let Some(hb) = &sprite.spec.template.heartbeat {
         match Schedule::parse(hb) {
             Ok(s) => {
                 let planned = status.next_heartbeat_time.as_ref().map(|t| t.0);
                 let last = status.last_heartbeat_time.as_ref().map(|t| t.0);
                 let d = decide(&s, planned, last, now, min_interval);
-                status.skipped_heartbeats += d.skipped as i64;
-                status.next_heartbeat_time = d.next.map(Time);
                 skipped = d.skip_reason;
                 clamped = s.shortest_gap(now, 16).is_some_and(|g| g < min_interval);
                 // Suspended Sprites let their ticks pass.
                 heartbeat_due = if suspended { None } else { d.run };
+                tick = Some(d);
                 schedule = Some(s);
             }
             Err(e) => schedule_error = Some(e.to_string()),
@@ -231,7 +293,9 @@ async fn observe(
         awake && (session_active || heartbeat_running.is_some()),
     ) {
         (Some(id), true) => match ctx.sprites.list_sessions(vm_name).await {
-            Ok(sessions) => Some(sessions.iter().any(|s| &s.id == id && s.is_active)),
+            // Listed means the process lives; `is_active` only says whether a
+            // client is attached, which a detached server never has.
+            Ok(sessions) => Some(sessions.iter().any(|s| &s.id == id)),
             Err(e) => {
                 warn!(sprite = vm_name, error = %e, "cannot list sessions");
                 None
@@ -276,6 +340,8 @@ async fn observe(
         rate,
         clamped,
         suspend_reason,
+        vm_from_list,
+        tick,
     })
 }
 
@@ -364,6 +430,7 @@ async fn perform(
                 Ok(()) | Err(sprites::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            ctx.vms.record(vm_name, None);
             info!(sprite = %sprite.name_any(), vm = vm_name, "deleted VM");
             remove_finalizer(api, sprite).await?;
             Ok(true)
@@ -387,6 +454,7 @@ async fn perform(
             };
             match ctx.sprites.create_sprite(&request).await {
                 Ok(vm) => {
+                    ctx.vms.record(vm_name, Some(vm.clone()));
                     status.sprite_id = Some(vm.id).filter(|s| !s.is_empty());
                     status.url = Some(vm.url).filter(|s| !s.is_empty());
                     info!(sprite = %sprite.name_any(), vm = vm_name, "created VM");
@@ -532,11 +600,31 @@ async fn remove_finalizer(api: &Api<Sprite>, sprite: &Sprite) -> Result<(), Erro
 }
 
 /// Converged: come back at the next heartbeat tick, or for the resync.
-fn idle_requeue(next_tick: Option<&Time>, now: Timestamp, clock: &dyn super::Clock) -> Duration {
-    match next_tick {
-        Some(t) => clock
-            .to_real(elapsed(now, t.0))
-            .clamp(Duration::from_millis(10), RESYNC),
+/// Records a heartbeat decision in status once its tick is consumed: by
+/// starting the heartbeat, by suspension, or because nothing was due.
+/// Otherwise the tick stays planned for the next pass.
+fn record_tick(status: &mut SpriteStatus, d: &super::schedule::TickDecision, suspended: bool, step: &Step) {
+    if d.run.is_none() || suspended || matches!(step, Step::StartHeartbeat(_)) {
+        status.skipped_heartbeats += d.skipped as i64;
+        status.next_heartbeat_time = d.next.map(Time);
+    }
+}
+
+/// Converged: come back at the next tick, when the running heartbeat is due
+/// for collection, or for the resync.
+fn idle_requeue(
+    status: &SpriteStatus,
+    schedule: Option<&Schedule>,
+    now: Timestamp,
+    clock: &dyn super::Clock,
+) -> Duration {
+    let next_tick = status.next_heartbeat_time.as_ref().map(|t| elapsed(now, t.0));
+    let collect = status.active_heartbeat.as_ref().map(|h| {
+        let duration = schedule.map_or(Duration::from_secs(120), |s| s.duration);
+        (duration + Duration::from_secs(1)).saturating_sub(elapsed(h.started_at.0, now))
+    });
+    match next_tick.into_iter().chain(collect).min() {
+        Some(d) => clock.to_real(d).clamp(Duration::from_millis(10), RESYNC),
         None => RESYNC,
     }
 }
@@ -561,6 +649,30 @@ pub(super) fn step_label(step: &Step) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_due_tick_survives_a_pass_that_does_something_else() {
+        let tick: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let next: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+        let d = super::super::schedule::TickDecision {
+            run: Some(tick),
+            skipped: 0,
+            skip_reason: None,
+            next: Some(next),
+        };
+        let mut s = SpriteStatus {
+            next_heartbeat_time: Some(Time(tick)),
+            ..Default::default()
+        };
+        record_tick(&mut s, &d, false, &Step::CollectHeartbeat);
+        assert_eq!(
+            s.next_heartbeat_time,
+            Some(Time(tick)),
+            "the due tick was dropped"
+        );
+        record_tick(&mut s, &d, false, &Step::StartHeartbeat(tick));
+        assert_eq!(s.next_heartbeat_time, Some(Time(next)));
+    }
 
     #[test]
     fn accounting_adds_exact_money() {

@@ -96,7 +96,9 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let period = usage::roll_up(mine.iter().filter_map(|s| s.status.as_ref()?.usage.as_ref()), now);
     let spent = over_budget(&period, &tier);
 
-    let duplicates = Api::<User>::all(ctx.client.clone())
+    // Within the namespace: a namespaced install has no cluster-wide read of
+    // Users, and the relay refuses a subject shared anywhere it watches.
+    let duplicates = Api::<User>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default())
         .await?
         .items

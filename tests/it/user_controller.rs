@@ -313,3 +313,51 @@ async fn a_spent_budget_stops_heartbeats_until_next_month() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_sharing_a_subject_are_both_flagged() {
+    let Some(env) = Env::new("user-dup").await else {
+        return;
+    };
+    let users = env.ns.api::<User>();
+    for name in ["dana", "dora"] {
+        let mut u = user_doc(name, "free", json!({}));
+        u.spec.subject = "shared-subject".into();
+        users.create(&PostParams::default(), &u).await.unwrap();
+    }
+    for name in ["dana", "dora"] {
+        let st = eventually(&format!("{name} flagged"), 60, || async {
+            let st = user_status(&env, name).await;
+            if is_true(&st.conditions, "DuplicateSubject") {
+                Ok(st)
+            } else {
+                Err(format!("{st:?}"))
+            }
+        })
+        .await;
+        let c = find(&st.conditions, "DuplicateSubject").unwrap();
+        assert!(
+            c.message.contains(if name == "dana" { "dora" } else { "dana" }),
+            "{}",
+            c.message
+        );
+    }
+    // One of them moves to its own subject: both are clear again.
+    users
+        .patch(
+            "dora",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"subject": "dora-own"}})),
+        )
+        .await
+        .unwrap();
+    eventually("the flag to clear on dana", 60, || async {
+        let st = user_status(&env, "dana").await;
+        if find(&st.conditions, "DuplicateSubject").is_none() {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+}
