@@ -182,14 +182,10 @@ async fn main() {
     };
     let sim = sprite_operator::sim::start(cfg).await.expect("sim");
     let sprites = SpritesClient::new(&sim.url(), TOKEN).unwrap();
-    let mut config = OperatorConfig::default();
-    if let Some(w) = std::env::var_os("SPRITE_WHEELHOUSE") {
-        config.pip_args = vec![
-            "--no-index".into(),
-            "--find-links".into(),
-            w.to_string_lossy().into(),
-        ];
-    }
+    let config = match std::env::var_os("SPRITE_WHEELHOUSE") {
+        Some(w) => OperatorConfig::default().with_wheelhouse(std::path::Path::new(&w)),
+        None => OperatorConfig::default(),
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         sprites,

@@ -124,6 +124,17 @@ impl OperatorConfig {
         Ok(())
     }
 
+    /// pip installs from a local wheelhouse only (decision 15): for VMs with
+    /// no route to a package index.
+    pub fn with_wheelhouse(mut self, dir: &Path) -> Self {
+        self.pip_args = vec![
+            "--no-index".into(),
+            "--find-links".into(),
+            dir.display().to_string(),
+        ];
+        self
+    }
+
     pub fn tier(&self, tier: Tier) -> &TierLimits {
         // Every tier has a default entry and entries are only ever replaced.
         &self.tiers[&tier]

@@ -390,11 +390,7 @@ async fn sim(args: SimArgs) -> Result<(), String> {
 async fn demo(args: DemoArgs) -> Result<(), String> {
     use sprite_operator::demo::{self, DemoOptions};
     let pip_args = match &args.wheelhouse {
-        Some(w) => vec![
-            "--no-index".into(),
-            "--find-links".into(),
-            w.display().to_string(),
-        ],
+        Some(w) => OperatorConfig::default().with_wheelhouse(w).pip_args,
         None => vec![],
     };
     let shutdown = shutdown_token();

@@ -35,15 +35,10 @@ pub struct Env {
 /// pip arguments that install from the wheelhouse `make test` prepared, so
 /// VMs need no package index (decision 15).
 pub fn test_config() -> OperatorConfig {
-    let mut config = OperatorConfig::default();
-    if let Some(w) = std::env::var_os("SPRITE_WHEELHOUSE") {
-        config.pip_args = vec![
-            "--no-index".into(),
-            "--find-links".into(),
-            w.to_string_lossy().into(),
-        ];
+    match std::env::var_os("SPRITE_WHEELHOUSE") {
+        Some(w) => OperatorConfig::default().with_wheelhouse(std::path::Path::new(&w)),
+        None => OperatorConfig::default(),
     }
-    config
 }
 
 impl Env {

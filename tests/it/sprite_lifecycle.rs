@@ -55,6 +55,31 @@ fn delta(before: &Value, after: &Value, cause: &str) -> i64 {
     after[cause].as_i64().unwrap_or(0) - before[cause].as_i64().unwrap_or(0)
 }
 
+/// Between two snapshots: `beats` heartbeats (from status) in `range`, as
+/// many commands run, each of them a wake, and no wake by any other cause.
+fn assert_only_heartbeat_wakes(
+    before: &(Value, usize),
+    after: &(Value, usize),
+    beats: i64,
+    range: std::ops::RangeInclusive<i64>,
+) {
+    let ((wakes0, execs0), (wakes1, execs1)) = (before, after);
+    assert!(range.contains(&beats), "{beats} heartbeats, expected {range:?}");
+    let execs = (execs1 - execs0) as i64;
+    assert!(
+        range.contains(&execs),
+        "{execs} heartbeat commands, expected {range:?}"
+    );
+    assert_eq!(delta(wakes0, wakes1, "exec"), execs, "wakes {wakes0} -> {wakes1}");
+    for cause in ["fs", "proxy", "checkpoint"] {
+        assert_eq!(
+            delta(wakes0, wakes1, cause),
+            0,
+            "a {cause} call woke the VM: {wakes0} -> {wakes1}"
+        );
+    }
+}
+
 async fn create_sprite(ns: &TestNs, name: &str, spec: Value) {
     ns.api::<Sprite>()
         .create(
@@ -340,32 +365,14 @@ async fn heartbeats_run_on_schedule_and_are_the_only_wakes() {
     // Let the bootstrap's activity end and the VM fall asleep.
     force_sleep(&env, "vm-beat").await;
     let start = status_of(&env.ns, "beat").await;
-    let (wakes0, execs0) = sim_snapshot(&env, "vm-beat").await;
+    let before = sim_snapshot(&env, "vm-beat").await;
     tokio::time::sleep(Duration::from_secs(14)).await;
-    let (wakes1, execs1) = sim_snapshot(&env, "vm-beat").await;
+    let after = sim_snapshot(&env, "vm-beat").await;
     let end = status_of(&env.ns, "beat").await;
 
-    let beats = end.wakes - start.wakes;
-    assert!(
-        (2..=5).contains(&beats),
-        "expected about 3 heartbeats in 14 s at */4, got {beats}"
-    );
-    // In one snapshot: every wake was an exec, and each exec (a heartbeat;
-    // nothing else runs commands in a converged Sprite) woke the VM.
-    let execs = (execs1 - execs0) as i64;
-    assert!((2..=5).contains(&execs), "{execs} heartbeat execs");
-    assert_eq!(
-        delta(&wakes0, &wakes1, "exec"),
-        execs,
-        "wakes {wakes0} -> {wakes1}"
-    );
-    for cause in ["fs", "proxy", "checkpoint"] {
-        assert_eq!(
-            delta(&wakes0, &wakes1, cause),
-            0,
-            "a {cause} call woke the VM: {wakes0} -> {wakes1}"
-        );
-    }
+    // In one snapshot: every wake was a command, and every command (a
+    // heartbeat: nothing else runs one in a converged Sprite) woke the VM.
+    assert_only_heartbeat_wakes(&before, &after, end.wakes - start.wakes, 2..=5);
     assert!(end.last_heartbeat_time > start.last_heartbeat_time);
     assert!(end.next_heartbeat_time.as_ref().unwrap().0 > end.last_heartbeat_time.as_ref().unwrap().0);
     assert!(end.runtime_seconds > start.runtime_seconds);
@@ -501,37 +508,19 @@ async fn over_a_simulated_hour_the_only_wakes_are_heartbeats() {
     env.wait_ready("hourly", 180).await;
     force_sleep(&env, "vm-hourly").await;
     let start = status_of(&env.ns, "hourly").await;
-    let (wakes0, execs0) = sim_snapshot(&env, "vm-hourly").await;
+    let before = sim_snapshot(&env, "vm-hourly").await;
     let t0 = sprite_operator::controller::Clock::now(clock.as_ref());
     // One simulated hour.
     tokio::time::sleep(Duration::from_secs(60)).await;
     let t1 = sprite_operator::controller::Clock::now(clock.as_ref());
-    let (wakes1, execs1) = sim_snapshot(&env, "vm-hourly").await;
+    let after = sim_snapshot(&env, "vm-hourly").await;
     let end = status_of(&env.ns, "hourly").await;
 
     let hours = t1.duration_since(t0).as_secs_f64() / 3600.0;
     assert!((0.9..1.3).contains(&hours), "simulated {hours} h");
-    let beats = end.wakes - start.wakes;
-    assert!(
-        (11..=13).contains(&beats),
-        "expected ~12 heartbeats at */5 over an hour, got {beats}"
-    );
-    // Every wake the sim saw was a heartbeat's exec: nothing else (status
-    // reads, reconciles) woke the VM.
-    let execs = (execs1 - execs0) as i64;
-    assert!((11..=13).contains(&execs), "{execs} heartbeat execs");
-    assert_eq!(
-        delta(&wakes0, &wakes1, "exec"),
-        execs,
-        "wakes {wakes0} -> {wakes1}"
-    );
-    for cause in ["fs", "proxy", "checkpoint"] {
-        assert_eq!(
-            delta(&wakes0, &wakes1, cause),
-            0,
-            "a {cause} call woke the VM: {wakes0} -> {wakes1}"
-        );
-    }
+    // In one snapshot: every wake was a command, and every command (a
+    // heartbeat: nothing else runs one in a converged Sprite) woke the VM.
+    assert_only_heartbeat_wakes(&before, &after, end.wakes - start.wakes, 11..=13);
     assert_eq!(
         end.skipped_heartbeats, start.skipped_heartbeats,
         "ticks were missed"
