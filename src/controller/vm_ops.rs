@@ -16,16 +16,6 @@ use crate::api::{Sprite, SpriteStatus};
 use crate::runtime::{self, FileKind, RuntimeBundle};
 use crate::sprites::{self, ExecRequest};
 
-/// The bootstrap steps an update re-runs, in order.
-const UPDATE_STEPS: [BootstrapStep; 6] = [
-    BootstrapStep::Requirements,
-    BootstrapStep::PipInstall,
-    BootstrapStep::RuntimeFiles,
-    BootstrapStep::Schema,
-    BootstrapStep::MemoryTemplates,
-    BootstrapStep::Version,
-];
-
 const EXEC_PATH: &str = "/workspace/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub(super) fn base_exec(cmd: Vec<String>) -> ExecRequest {
@@ -227,7 +217,10 @@ pub(super) async fn update(
     // An update is the bootstrap from the requirements on: every step is
     // idempotent, memory templates fill only gaps, VERSION comes last.
     let result = async {
-        for step in UPDATE_STEPS {
+        for step in BootstrapStep::ALL
+            .into_iter()
+            .filter(|s| *s >= BootstrapStep::Requirements)
+        {
             bootstrap_step(ctx, vm, step, bundle).await?;
         }
         Ok::<(), Error>(())

@@ -78,16 +78,7 @@ impl SpritesClient {
     pub async fn delete_path(&self, name: &str, path: &str, recursive: bool) -> Result<(), Error> {
         let mut query = path_query(path);
         query.push(("recursive", recursive.to_string()));
-        self.call(Call {
-            method: Method::DELETE,
-            url: self.fs_url(name, "delete", query),
-            body: Body::Empty,
-            timeout: self.inner.timeouts.request,
-            idempotency: Idempotency::Idempotent,
-            create_name: None,
-        })
-        .await
-        .map(drop)
+        self.delete(self.fs_url(name, "delete", query)).await
     }
 
     /// `mkdir -p`. The API has no mkdir: like the SDKs, write `DIR/.keep` with parents, then

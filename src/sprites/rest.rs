@@ -132,7 +132,11 @@ impl SpritesClient {
 
     /// `DELETE /v1/sprites/{name}`; 404 gives [`Error::NotFound`].
     pub async fn delete_sprite(&self, name: &str) -> Result<(), Error> {
-        let url = self.url(&["sprites", name]);
+        self.delete(self.url(&["sprites", name])).await
+    }
+
+    /// A DELETE with no body; deleting is idempotent, so it may be retried.
+    pub(crate) async fn delete(&self, url: url::Url) -> Result<(), Error> {
         self.call(Call {
             method: Method::DELETE,
             url,
