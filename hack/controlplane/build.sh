@@ -6,6 +6,8 @@
 #
 #   hack/controlplane/build.sh            # apiserver, controller-manager, kubectl, etcd
 #   hack/controlplane/build.sh helm       # ... and helm
+#   hack/controlplane/build.sh node       # ... and kubelet, kubeadm, kube-proxy,
+#                                         # kube-scheduler (the kind node image)
 #
 # KUBEBUILDER_ASSETS pointing at a folder that already holds the binaries skips
 # the build (the envtest convention).
@@ -17,12 +19,18 @@ HELM_VERSION=${HELM_VERSION:-v3.21.4}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SPRITE_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sprite-operator}
 bin="$cache/k8s-$K8S_VERSION/bin"
-want_helm=false
-[ "${1:-}" = helm ] && want_helm=true
+want_helm=false want_node=false
+for arg in "$@"; do
+  case $arg in
+    helm) want_helm=true ;;
+    node) want_node=true ;;
+    *) echo "usage: $0 [helm] [node]" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf '[controlplane] %s\n' "$*" >&2; }
 
-if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
+if [ -n "${KUBEBUILDER_ASSETS:-}" ] && ! $want_node; then
   for b in kube-apiserver etcd; do
     [ -x "$KUBEBUILDER_ASSETS/$b" ] || { log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks $b"; exit 1; }
   done
@@ -35,7 +43,9 @@ mkdir -p "$bin"
 
 have() { [ -x "$bin/$1" ]; }
 
-if ! have kube-apiserver || ! have kube-controller-manager || ! have kubectl; then
+k8s_build() { # what to say, then the commands under k8s.io/kubernetes/cmd
+  local what=$1 start work minor ld
+  shift
   start=$(date +%s)
   work="$cache/k8s-$K8S_VERSION/mod"
   mkdir -p "$work"
@@ -48,11 +58,18 @@ if ! have kube-apiserver || ! have kube-controller-manager || ! have kubectl; th
   for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $v.gitVersion=v$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
   done
-  p=k8s.io/kubernetes/cmd
-  log "building kube-apiserver, kube-controller-manager, kubectl v$K8S_VERSION (cold: about 8 minutes on 2 cores)"
+  log "building $* v$K8S_VERSION ($what)"
   (cd "$work" && go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$bin/" \
-      "$p/kube-apiserver" "$p/kube-controller-manager" "$p/kubectl")
-  log "kubernetes binaries built in $(( $(date +%s) - start ))s"
+      "${@/#/k8s.io/kubernetes/cmd/}")
+  log "$* built in $(( $(date +%s) - start ))s"
+}
+
+if ! have kube-apiserver || ! have kube-controller-manager || ! have kubectl; then
+  k8s_build "cold: about 8 minutes on 2 cores" kube-apiserver kube-controller-manager kubectl
+fi
+
+if $want_node && { ! have kubelet || ! have kubeadm || ! have kube-proxy || ! have kube-scheduler; }; then
+  k8s_build "about 1-2 minutes once kube-apiserver's packages are cached" kubelet kubeadm kube-proxy kube-scheduler
 fi
 
 if ! have etcd; then

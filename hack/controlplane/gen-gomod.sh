@@ -16,7 +16,12 @@ while IFS= read -r m; do
   go mod edit -replace="$m=$m@$staging"
 done < <(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod")
 p=k8s.io/kubernetes/cmd
-go get "$p/kube-apiserver@v$K8S_VERSION" "$p/kube-controller-manager@v$K8S_VERSION" "$p/kubectl@v$K8S_VERSION"
+# The control plane of the tests, and the node binaries of the kind image.
+cmds=()
+for c in kube-apiserver kube-controller-manager kubectl kubelet kubeadm kube-proxy kube-scheduler; do
+  cmds+=("$p/$c@v$K8S_VERSION")
+done
+go get "${cmds[@]}"
 cp go.mod go.sum "$here/"
 mkdir -p "$tmp/etcd" && cd "$tmp/etcd"
 go mod init sprite-operator.dev/hack/controlplane/etcd >/dev/null 2>&1
