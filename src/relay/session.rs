@@ -75,17 +75,35 @@ pub fn hello(session: &str) -> Message {
 }
 
 /// Sends a refusal to a browser that was upgraded only to be told why.
-pub async fn refuse<S>(mut browser: S, err: &Error)
+pub async fn refuse<S>(browser: S, err: &Error)
 where
-    S: Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        let _ = browser
-            .send(close_frame(err.close_code(), err.close_reason()))
-            .await;
-        let _ = browser.close().await;
-    })
-    .await;
+    let frame = close_frame(err.close_code(), err.close_reason());
+    let _ = tokio::time::timeout(CLOSE_WAIT, close_and_drain(browser, frame)).await;
+}
+
+/// The closing handshake, server side: send our Close, then read until the
+/// peer's Close or EOF before the socket is dropped. Dropping it with the
+/// peer's frames unread makes the kernel answer with a reset, and a reset
+/// discards what the peer had not read yet: our Close with its 44xx code
+/// would be lost and the browser would see a broken connection instead.
+/// Callers bound the wait.
+async fn close_and_drain<S>(mut browser: S, frame: Message)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    if browser.send(frame).await.is_err() {
+        return;
+    }
+    if browser.close().await.is_err() {
+        return;
+    }
+    while let Some(Ok(m)) = browser.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
 }
 
 /// Writes every frame the current upstream has not seen yet.
@@ -335,10 +353,13 @@ where
         End::Refused(e) => Some(close_frame(e.close_code(), e.close_reason())),
     };
     let browser_close = async {
-        if let Some(f) = frame {
-            let _ = browser.send(f).await;
+        match frame {
+            Some(f) => close_and_drain(&mut browser, f).await,
+            // The browser left: answer its Close, if it sent one, and go.
+            None => {
+                let _ = browser.close().await;
+            }
         }
-        let _ = browser.close().await;
     };
     let upstream_close = async {
         if let Some(ws) = up.as_mut() {

@@ -349,6 +349,39 @@ async fn relay_authenticates_routes_and_refuses_before_any_upstream_work() {
             ),
         }
     }
+    // A browser that sends before it reads (a page busy elsewhere) still gets
+    // the refusal's code: the relay reads through the closing handshake
+    // instead of dropping the socket under unread frames (the kernel then
+    // resets the connection, which can discard the Close before the browser
+    // reads it).
+    for attempt in 0..5 {
+        let mut ws = connect_browser(&relay, "deadbeef00001111222233334444ffff", "")
+            .await
+            .expect("upgraded to be told why");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for n in 0..3 {
+            let _ = ws
+                .send(Message::text(
+                    json!({"type": "ping", "id": format!("early-{n}")}).to_string(),
+                ))
+                .await;
+        }
+        assert_eq!(
+            close_code(&mut ws).await,
+            Some(4401),
+            "early sender, attempt {attempt}"
+        );
+        // ... and the closing handshake completes: our Close reply reaches a
+        // relay still reading, which then ends the connection cleanly.
+        let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        assert!(
+            matches!(
+                end,
+                Ok(None) | Ok(Some(Err(tungstenite::Error::ConnectionClosed)))
+            ),
+            "early sender, attempt {attempt}: the connection ended with {end:?}"
+        );
+    }
     // No token at all; a query token without --allow-query-token.
     match tokio_tungstenite::connect_async(relay.ws_url()).await {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 401),
