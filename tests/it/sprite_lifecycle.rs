@@ -225,26 +225,39 @@ async fn vm_version(env: &Env, vm: &str) -> String {
     String::from_utf8_lossy(&v).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
-    let Some(env) = Env::with_sim("drift-onwake", |mut c| {
+/// The drift tests' starting point: a Sprite on ConfigMap runtime `cm-1`,
+/// Ready, then put to sleep (the sim's VMs doze after 2 s idle). Returns the
+/// environment and the VM's wake count at that point. `policy` goes into the
+/// Sprite's spec as its `updatePolicy` when given.
+async fn sprite_asleep_on_cm1(
+    prefix: &str,
+    sprite: &str,
+    vm: &str,
+    policy: Option<Value>,
+) -> Option<(Env, u64)> {
+    let env = Env::with_sim(prefix, |mut c| {
         c.idle_timeout = Duration::from_secs(2);
         c
     })
-    .await
+    .await?;
+    apply_cm(&env.ns, &runtime_config_map("cm-1", None)).await;
+    let mut spec = json!({"spriteName": vm, "runtime": {"source": {"configMap": {"name": "rt"}}}});
+    if let Some(p) = policy {
+        spec["updatePolicy"] = p;
+    }
+    create_sprite(&env.ns, sprite, spec).await;
+    env.wait_ready(sprite, 180).await;
+    force_sleep(&env, vm).await;
+    let wakes = env.wakes(vm).await;
+    Some((env, wakes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
+    let Some((env, wakes_before)) = sprite_asleep_on_cm1("drift-onwake", "lazy", "vm-lazy", None).await
     else {
         return;
     };
-    apply_cm(&env.ns, &runtime_config_map("cm-1", None)).await;
-    create_sprite(
-        &env.ns,
-        "lazy",
-        json!({"spriteName": "vm-lazy", "runtime": {"source": {"configMap": {"name": "rt"}}}}),
-    )
-    .await;
-    env.wait_ready("lazy", 180).await;
-    force_sleep(&env, "vm-lazy").await;
-    let wakes_before = env.wakes("vm-lazy").await;
 
     apply_cm(&env.ns, &runtime_config_map("cm-2", None)).await;
     let st = eventually("drift to be reported", 30, || async {
@@ -284,25 +297,12 @@ async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_updates_now_and_a_failed_update_rolls_back() {
-    let Some(env) = Env::with_sim("drift-immediate", |mut c| {
-        c.idle_timeout = Duration::from_secs(2);
-        c
-    })
-    .await
+    let policy = json!({"type": "Immediate"});
+    let Some((env, wakes_before)) =
+        sprite_asleep_on_cm1("drift-immediate", "eager", "vm-eager", Some(policy)).await
     else {
         return;
     };
-    apply_cm(&env.ns, &runtime_config_map("cm-1", None)).await;
-    create_sprite(
-        &env.ns,
-        "eager",
-        json!({"spriteName": "vm-eager", "runtime": {"source": {"configMap": {"name": "rt"}}},
-               "updatePolicy": {"type": "Immediate"}}),
-    )
-    .await;
-    env.wait_ready("eager", 180).await;
-    force_sleep(&env, "vm-eager").await;
-    let wakes_before = env.wakes("vm-eager").await;
 
     apply_cm(&env.ns, &runtime_config_map("cm-2", None)).await;
     wait_deployed(&env.ns, "eager", "cm-2").await;
