@@ -82,7 +82,7 @@ finish() {
       echo "[e2e] leak: the kind network remains" >&2
       leaks=1
     fi
-    if [ "$SPRITE_E2E_DOCKERD" = private ]; then
+    if [ "${SPRITE_E2E_DOCKERD:-}" = private ]; then
       "$here/dockerd.sh" stop
       "$here/dockerd.sh" check-stopped || leaks=1
     fi
