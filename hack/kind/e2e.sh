@@ -76,7 +76,7 @@ finish() {
     # kind leaves its bridge network behind; remove it if this run made it.
     $kind_network_existed || docker network rm kind >/dev/null 2>&1 || true
     local left
-    left=$(docker ps -aq --filter "label=io.x-k8s.kind.cluster=$cluster")
+    left=$(docker ps -aq --filter "label=io.x-k8s.kind.cluster=$cluster" 2>/dev/null || true)
     [ -z "$left" ] || { echo "[e2e] leak: containers of $cluster remain: $left" >&2; leaks=1; }
     if ! $kind_network_existed && docker network inspect kind >/dev/null 2>&1; then
       echo "[e2e] leak: the kind network remains" >&2
