@@ -480,10 +480,13 @@ async fn two_replicas_never_both_reconcile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_a_simulated_hour_the_only_wakes_are_heartbeats() {
     use std::sync::Arc;
-    // 60x: a simulated hour in 60 real seconds, a tick every 5 s.
+    // 30x: a simulated hour in 120 real seconds, a tick every 10 s, each
+    // heartbeat 2 s, then 0.8 s to doze. At 60x (5 s ticks) a tick fired
+    // late under a loaded CI run found the VM still awake from the one
+    // before, and the command was not a wake.
     let clock = Arc::new(sprite_operator::controller::ScaledClock::new(
         jiff::Timestamp::now(),
-        60,
+        30,
     ));
     let Some(env) = Env::with(
         "sim-hour",
@@ -511,7 +514,7 @@ async fn over_a_simulated_hour_the_only_wakes_are_heartbeats() {
     let before = sim_snapshot(&env, "vm-hourly").await;
     let t0 = sprite_operator::controller::Clock::now(clock.as_ref());
     // One simulated hour.
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
     let t1 = sprite_operator::controller::Clock::now(clock.as_ref());
     let after = sim_snapshot(&env, "vm-hourly").await;
     let end = status_of(&env.ns, "hourly").await;
