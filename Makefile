@@ -24,6 +24,12 @@ controlplane: ## Build (or reuse) kube-apiserver, etcd, kube-controller-manager,
 python-env: ## Create (or reuse) the runtime's venv and wheelhouse
 	hack/python-env.sh
 
+# Integration tests that assert on heartbeat timing (a 10 s tick on a scaled
+# clock): they run after the others, one at a time, because on two cores
+# shared with three other tests' VM bootstraps a tick can fire late enough
+# to be skipped (seen in CI rehearsals). They are never skipped overall.
+TIMED_TESTS := heartbeats_run_on_schedule_and_are_the_only_wakes over_a_simulated_hour_the_only_wakes_are_heartbeats
+
 .PHONY: test
 test: ## Run all tests: unit, runtime (pytest), integration on a real kube-apiserver
 	@t0=$$(date +%s); \
@@ -33,8 +39,10 @@ test: ## Run all tests: unit, runtime (pytest), integration on a real kube-apise
 	echo "[test] runtime tests (pytest)"; \
 	"$$VENV/bin/python" -m pytest -q sprite/tests; \
 	echo "[test] cargo tests"; \
-	KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" SPRITE_PYTHON="$$VENV/bin/python" \
-	  $(CARGO) test --lib --bins --tests -- --test-threads=4; \
+	export KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" SPRITE_PYTHON="$$VENV/bin/python"; \
+	$(CARGO) test --lib --bins --tests -- --test-threads=4 $(foreach t,$(TIMED_TESTS),--skip $(t)); \
+	echo "[test] heartbeat timing tests, alone: $(TIMED_TESTS)"; \
+	$(CARGO) test --test it -- --test-threads=1 $(TIMED_TESTS); \
 	echo "[test] all tests passed in $$(( $$(date +%s) - t0 ))s"
 
 .PHONY: lint
