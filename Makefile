@@ -49,6 +49,7 @@ test: ## Run all tests: unit, runtime (pytest), integration on a real kube-apise
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --test e2e_kind -- -D warnings  # test = false: not in --all-targets
 
 .PHONY: shellcheck
 shellcheck: ## Lint every shell script (*.sh and .ci/run) with shellcheck

@@ -14,9 +14,8 @@ use axum::extract::State;
 use axum::response::Html;
 use axum::routing::get;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -262,21 +261,10 @@ async fn apply_examples(client: &kube::Client, dir: &std::path::Path) -> Result<
         let docs = serde_saphyr::from_multiple::<serde_json::Value>(&text)
             .map_err(|e| DemoError::Examples(format!("{file}: {e}")))?;
         for doc in docs {
-            let obj: DynamicObject = serde_json::from_value(doc.clone())
-                .map_err(|e| DemoError::Examples(format!("{file}: {e}")))?;
-            let api_version = doc["apiVersion"].as_str().unwrap_or_default();
-            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-            let gvk = GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap_or_default());
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), NAMESPACE, &ApiResource::from_gvk(&gvk));
-            let name = obj.metadata.name.clone().unwrap_or_default();
-            api.patch(
-                &name,
-                &PatchParams::apply("sprite-operator-demo").force(),
-                &Patch::Apply(&obj),
-            )
-            .await?;
-            say(&format!("applied {file}: {} {name}", gvk.kind));
+            let obj = crate::testenv::apply_doc(client, NAMESPACE, &doc, "sprite-operator-demo").await?;
+            let name = obj.metadata.name.unwrap_or_default();
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            say(&format!("applied {file}: {kind} {name}"));
         }
         if file == "user.yaml" {
             // The User's primary Sprite must be its oldest, so that the

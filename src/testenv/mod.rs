@@ -286,6 +286,28 @@ impl ControlPlane {
 
 /// Applies the generated CRDs (server-side apply) and waits until the
 /// apiserver serves them.
+/// Server-side applies one manifest (a parsed YAML document of any kind)
+/// into `namespace`, as `manager`, taking ownership of conflicting fields.
+/// The demo applies the examples with it, and so do the tests.
+pub async fn apply_doc(
+    client: &kube::Client,
+    namespace: &str,
+    doc: &serde_json::Value,
+    manager: &str,
+) -> Result<kube::api::DynamicObject, kube::Error> {
+    use kube::core::{ApiResource, GroupVersionKind};
+    let obj: kube::api::DynamicObject =
+        serde_json::from_value(doc.clone()).map_err(kube::Error::SerdeError)?;
+    let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap_or_default());
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk));
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&obj))
+        .await
+}
+
 pub async fn install_crds(client: &kube::Client) -> Result<(), Error> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let pp = PatchParams::apply("sprite-operator-testenv").force();

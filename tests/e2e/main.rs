@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 use sprite_operator::api::conditions::is_true;
 use sprite_operator::api::{EXAMPLE_FILES, Sprite, User};
@@ -65,27 +64,9 @@ fn example_docs(file: &str) -> Vec<Value> {
 }
 
 async fn apply(client: &kube::Client, ns: &str, doc: &Value) {
-    let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-    let (group, version) = doc["apiVersion"]
-        .as_str()
-        .unwrap()
-        .split_once('/')
-        .unwrap_or(("", "v1"));
-    let gvk = GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap());
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk));
-    api.patch(
-        obj.metadata.name.as_deref().unwrap(),
-        &PatchParams::apply("e2e-kind").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "apply {} {}: {e}",
-            doc["kind"],
-            obj.metadata.name.unwrap_or_default()
-        )
-    });
+    sprite_operator::testenv::apply_doc(client, ns, doc, "e2e-kind")
+        .await
+        .unwrap_or_else(|e| panic!("apply {} {}: {e}", doc["kind"], doc["metadata"]["name"]));
 }
 
 /// Prints what an operator would look at first, then panics.

@@ -18,11 +18,7 @@ fn dynamic_api(ns: &TestNs, doc: &serde_json::Value) -> Api<DynamicObject> {
 }
 
 async fn apply(ns: &TestNs, doc: &serde_json::Value) -> Result<DynamicObject, kube::Error> {
-    let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-    let name = obj.metadata.name.clone().unwrap();
-    dynamic_api(ns, doc)
-        .patch(&name, &PatchParams::apply("it-test").force(), &Patch::Apply(&obj))
-        .await
+    sprite_operator::testenv::apply_doc(&ns.client, &ns.name, doc, "it-test").await
 }
 
 #[tokio::test]

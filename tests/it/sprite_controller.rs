@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 use sprite_operator::api::Sprite;
 use sprite_operator::api::conditions::is_true;
@@ -184,25 +184,9 @@ impl Drop for Env {
 }
 
 pub async fn apply(ns: &TestNs, doc: &Value) {
-    let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-    let (group, version) = doc["apiVersion"]
-        .as_str()
-        .unwrap()
-        .split_once('/')
-        .unwrap_or(("", "v1"));
-    let gvk = kube::core::GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap());
-    let api: kube::Api<DynamicObject> = kube::Api::namespaced_with(
-        ns.client.clone(),
-        &ns.name,
-        &kube::core::ApiResource::from_gvk(&gvk),
-    );
-    api.patch(
-        obj.metadata.name.as_deref().unwrap(),
-        &PatchParams::apply("it-test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("apply {}: {e}", doc["kind"]));
+    sprite_operator::testenv::apply_doc(&ns.client, &ns.name, doc, "it-test")
+        .await
+        .unwrap_or_else(|e| panic!("apply {}: {e}", doc["kind"]));
 }
 
 pub fn sprite_doc(name: &str, spec: Value) -> Value {
