@@ -275,23 +275,13 @@ async fn examples_become_ready_serve_through_the_relay_and_delete_their_vm() {
         }
     }
     let user_ready = |u: &User| {
-        is_true(
-            &u.status
-                .as_ref()
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default(),
-            "Ready",
-        )
+        u.status
+            .as_ref()
+            .is_some_and(|st| is_true(&st.conditions, "Ready"))
     };
-    let sprite_ready = |s: &Sprite| {
-        is_true(
-            &s.status
-                .as_ref()
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default(),
-            "Ready",
-        )
-    };
+    let sprite_is =
+        |t: &'static str| move |s: &Sprite| s.status.as_ref().is_some_and(|st| is_true(&st.conditions, t));
+    let sprite_ready = sprite_is("Ready");
     // Two VMs bootstrap at once on the cluster's one node (venv + pip).
     wait_for::<User>(&client, &ns, "alice", "Ready", 300, user_ready).await;
     let research = wait_for::<Sprite>(&client, &ns, "research", "Ready", 600, sprite_ready).await;
@@ -300,15 +290,7 @@ async fn examples_become_ready_serve_through_the_relay_and_delete_their_vm() {
     for doc in example_docs(second[0]) {
         apply(&client, &ns, &doc).await;
     }
-    let over_quota = |s: &Sprite| {
-        is_true(
-            &s.status
-                .as_ref()
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default(),
-            "QuotaExceeded",
-        )
-    };
+    let over_quota = sprite_is("QuotaExceeded");
     let custom = wait_for::<Sprite>(&client, &ns, "custom", "over quota", 120, over_quota).await;
     assert!(
         !sprite_ready(&custom),
