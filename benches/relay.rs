@@ -10,6 +10,13 @@
 //! loop are the production code paths. nginx runs in the foreground as a
 //! child from a config written to a temp dir.
 //!
+//! A fourth path, `tokio pipe`, is this binary re-run as a child with
+//! `--tcp-pipe`: a plain TCP byte pipe on a one-thread tokio runtime
+//! (`copy_bidirectional`), which does not look at frames at all. It is the
+//! floor for any proxy built on tokio, as the relay is: what the relay adds
+//! above it is the cost of being WebSocket-aware; what it adds above
+//! nginx's includes tokio's event loop against nginx's.
+//!
 //! Figures: round-trip latency of 64 B text messages (p50/p99, sequential),
 //! throughput of 16 KiB text frames (pipelined, one connection), and the
 //! relay's resident memory per idle relayed session at 1 000 sessions
@@ -109,6 +116,27 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Nanoseconds on CPU of a process and its children, all threads
+/// (`/proc/PID/task/TID/schedstat`, first field).
+fn tree_cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        total += tree_cpu_ns(c);
+    }
+    total
+}
+
 /// RSS of a process and its children (nginx: master and workers).
 fn tree_rss_kib(pid: u32) -> u64 {
     let mut total = rss_kib(pid);
@@ -130,9 +158,9 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
     let file = dir.join("directory.yaml");
     std::fs::write(&file, directory).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sprite-operator"));
-    // RELAY_THREADS=n runs the relay with n tokio workers (default: one per core).
+    // RELAY_THREADS=n runs the relay with --threads n (default: its own, 1).
     if let Ok(n) = std::env::var("RELAY_THREADS") {
-        cmd.env("TOKIO_WORKER_THREADS", n);
+        cmd.args(["--threads", &n]);
     }
     let mut child = cmd
         .args([
@@ -161,6 +189,46 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
         .unwrap_or_else(|| panic!("relay said {line:?}"))
         .parse()
         .unwrap();
+    (Proc(child), addr)
+}
+
+/// The `tokio pipe` child: accepts on `listen`, pipes every connection to
+/// `upstream` byte for byte.
+fn run_tcp_pipe(listen: &str, upstream: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = TcpListener::bind(listen).await.unwrap();
+        loop {
+            let (mut a, _) = listener.accept().await.unwrap();
+            let upstream = upstream.to_string();
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                let Ok(mut b) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+}
+
+fn start_tcp_pipe(echo: SocketAddr) -> (Proc, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--tcp-pipe", &addr.to_string(), &echo.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run the tcp pipe");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the tcp pipe did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (Proc(child), addr)
 }
 
@@ -220,15 +288,16 @@ fn start_nginx(bin: &str, dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
-    Direct,
-    Nginx,
+    /// Straight to the echo server, or through a proxy that does not look
+    /// at the WebSocket (nginx, the tokio pipe): same URL.
+    Plain,
     Relay,
 }
 
 async fn connect(mode: Mode, addr: SocketAddr) -> Ws {
     let url = match mode {
         Mode::Relay => format!("ws://{addr}/ws"),
-        _ => format!("ws://{addr}/"),
+        Mode::Plain => format!("ws://{addr}/"),
     };
     let mut req = url.into_client_request().unwrap();
     if mode == Mode::Relay {
@@ -279,21 +348,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn latency(mode: Mode, addr: SocketAddr) -> (Duration, Duration) {
+/// p50 and p99 of the round trip, and the proxy's CPU time per round trip
+/// (user and system, all its threads and processes; `pid` None: direct).
+async fn latency(mode: Mode, addr: SocketAddr, pid: Option<u32>) -> (Duration, Duration, Duration) {
     let mut ws = connect(mode, addr).await;
     let msg = small_message();
     for _ in 0..WARMUP_ROUNDS {
         round_trip(&mut ws, &msg).await;
     }
     let mut times = Vec::with_capacity(LATENCY_ROUNDS);
+    let cpu_before = pid.map_or(0, tree_cpu_ns);
     for _ in 0..LATENCY_ROUNDS {
         let t = Instant::now();
         round_trip(&mut ws, &msg).await;
         times.push(t.elapsed());
     }
+    let cpu = pid.map_or(0, tree_cpu_ns).saturating_sub(cpu_before);
     let _ = ws.close(None).await;
     times.sort();
-    (percentile(&times, 0.50), percentile(&times, 0.99))
+    (
+        percentile(&times, 0.50),
+        percentile(&times, 0.99),
+        Duration::from_nanos(cpu / LATENCY_ROUNDS as u64),
+    )
 }
 
 /// MB/s of payload echoed back, at most WINDOW frames in flight.
@@ -369,27 +446,44 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Figures {
     p50: Vec<f64>,
     p99: Vec<f64>,
+    cpu: Vec<f64>,
     mbps: Vec<f64>,
 }
 
 impl Figures {
-    async fn trial(&mut self, mode: Mode, addr: SocketAddr) {
-        let (p50, p99) = latency(mode, addr).await;
+    async fn trial(&mut self, mode: Mode, addr: SocketAddr, pid: Option<u32>) {
+        let (p50, p99, cpu) = latency(mode, addr, pid).await;
         self.p50.push(us(p50));
         self.p99.push(us(p99));
+        self.cpu.push(us(cpu));
         self.mbps.push(throughput(mode, addr).await);
     }
 
-    fn medians(&self) -> (f64, f64, f64) {
-        (
-            median(self.p50.clone()),
-            median(self.p99.clone()),
-            median(self.mbps.clone()),
-        )
+    fn medians(&self) -> Medians {
+        Medians {
+            p50: median(self.p50.clone()),
+            p99: median(self.p99.clone()),
+            cpu: median(self.cpu.clone()),
+            mbps: median(self.mbps.clone()),
+        }
     }
 }
 
+#[derive(Clone, Copy)]
+struct Medians {
+    p50: f64,
+    p99: f64,
+    /// The proxy's CPU time per round trip (two relayed messages).
+    cpu: f64,
+    mbps: f64,
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--tcp-pipe") {
+        run_tcp_pipe(&args[i + 1], &args[i + 2]);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -404,23 +498,26 @@ fn main() {
         let nginx_dir = tmp.path().join("nginx");
         std::fs::create_dir_all(&nginx_dir).unwrap();
 
-        let (mut direct, mut nginx, mut relay) = (Figures::default(), Figures::default(), Figures::default());
+        let (mut direct, mut pipe, mut nginx, mut relay) =
+            (Figures::default(), Figures::default(), Figures::default(), Figures::default());
         {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
-            let (_relay_proc, relay_addr) = start_relay(tmp.path(), echo);
+            let (pipe_proc, pipe_addr) = start_tcp_pipe(echo);
+            let (relay_proc, relay_addr) = start_relay(tmp.path(), echo);
             for _ in 0..TRIALS {
-                direct.trial(Mode::Direct, echo).await;
-                if let Some((_, addr)) = &ng {
-                    nginx.trial(Mode::Nginx, *addr).await;
+                direct.trial(Mode::Plain, echo, None).await;
+                pipe.trial(Mode::Plain, pipe_addr, Some(pipe_proc.0.id())).await;
+                if let Some((p, addr)) = &ng {
+                    nginx.trial(Mode::Plain, *addr, Some(p.0.id())).await;
                 }
-                relay.trial(Mode::Relay, relay_addr).await;
+                relay.trial(Mode::Relay, relay_addr, Some(relay_proc.0.id())).await;
             }
         }
         // Memory on fresh processes, one at a time.
         let nginx_mem = match &nginx_bin {
             Some(b) => {
                 let (p, addr) = start_nginx(b, &nginx_dir, echo);
-                Some(memory_per_session(Mode::Nginx, addr, p.0.id()).await)
+                Some(memory_per_session(Mode::Plain, addr, p.0.id()).await)
             }
             None => None,
         };
@@ -435,46 +532,57 @@ fn main() {
              {THROUGHPUT_FRAMES} x 16 KiB text frames with {WINDOW} in flight; memory at {IDLE_SESSIONS} idle sessions)"
         );
         println!(
-            "{:<8} {:>9} {:>9} {:>11} {:>11} {:>10} {:>16}",
-            "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "MB/s", "KiB/idle session"
+            "{:<10} {:>9} {:>9} {:>11} {:>11} {:>14} {:>10} {:>16}",
+            "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "CPU us/round", "MB/s", "KiB/idle session"
         );
-        let (d50, d99, dtp) = direct.medians();
-        println!("{:<8} {:>9.1} {:>9.1} {:>11} {:>11} {:>10.0} {:>16}", "direct", d50, d99, "-", "-", dtp, "-");
-        let row = |name: &str, (p50, p99, tp): (f64, f64, f64), mem: (u64, u64, f64)| {
+        let d = direct.medians();
+        println!(
+            "{:<10} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>10.0} {:>16}",
+            "direct", d.p50, d.p99, "-", "-", "-", d.mbps, "-"
+        );
+        let row = |name: &str, f: Medians, mem: Option<(u64, u64, f64)>| {
             println!(
-                "{:<8} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>10.0} {:>16.1}",
+                "{:<10} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>14.1} {:>10.0} {:>16}",
                 name,
-                p50,
-                p99,
-                p50 - d50,
-                p99 - d99,
-                tp,
-                mem.2
+                f.p50,
+                f.p99,
+                f.p50 - d.p50,
+                f.p99 - d.p99,
+                f.cpu,
+                f.mbps,
+                mem.map_or("-".to_string(), |m| format!("{:.1}", m.2))
             );
         };
+        row("tokio pipe", pipe.medians(), None);
         let n = nginx_mem.map(|m| (nginx.medians(), m));
         if let Some((f, m)) = n {
-            row("nginx", f, m);
+            row("nginx", f, Some(m));
         }
         let r = relay.medians();
-        row("relay", r, relay_mem);
+        row("relay", r, Some(relay_mem));
         if let Some((_, m)) = n {
             eprintln!("nginx RSS (master + workers): {} KiB -> {} KiB", m.0, m.1);
         }
         eprintln!("relay RSS: {} KiB -> {} KiB", relay_mem.0, relay_mem.1);
 
         println!();
-        if let Some(((n50, _, ntp), _)) = n {
-            let (added, n_added) = (r.0 - d50, n50 - d50);
+        let pf = pipe.medians();
+        println!(
+            "relay above the tokio pipe: {:+.1} us p50, {:+.1} us CPU per round trip",
+            r.p50 - pf.p50,
+            r.cpu - pf.cpu
+        );
+        if let Some((nf, _)) = n {
+            let (added, n_added) = (r.p50 - d.p50, nf.p50 - d.p50);
             println!(
                 "target: relay added p50 <= nginx's ({added:.1} vs {n_added:.1} us): {}",
                 if added <= n_added { "met" } else { "NOT met" }
             );
             println!(
                 "target: relay throughput >= 0.9 x nginx's ({:.0} vs {:.0} MB/s): {}",
-                r.2,
-                0.9 * ntp,
-                if r.2 >= 0.9 * ntp { "met" } else { "NOT met" }
+                r.mbps,
+                0.9 * nf.mbps,
+                if r.mbps >= 0.9 * nf.mbps { "met" } else { "NOT met" }
             );
         }
         println!(

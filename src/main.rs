@@ -128,6 +128,11 @@ struct RelayArgs {
     /// How long sessions get to close on shutdown.
     #[arg(long, default_value = "10s")]
     drain_timeout: humantime::Duration,
+    /// Threads relaying sessions. 1 (the default): one event loop, the
+    /// lowest latency per message; more: a work-stealing pool, for more
+    /// than one core's worth of traffic in one process.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Development and benchmarks only: send every session to this
     /// WebSocket URL instead of a VM.
     #[arg(long, hide = true)]
@@ -199,12 +204,33 @@ fn main() -> ExitCode {
         Command::Controller(args) => block_on(controller(args)),
         Command::Sim(args) => block_on(sim(args)),
         Command::Demo(args) => block_on(demo(args)),
-        Command::Relay(args) => block_on(relay(*args)),
+        Command::Relay(args) => {
+            // One thread by default: one event loop, as an nginx worker has,
+            // cost ~10 µs less per relayed round trip than a work-stealing
+            // pool on the benchmark (docs/relay.md); more threads for more
+            // cores' worth of traffic, or more replicas.
+            let rt = match args.threads {
+                0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build(),
+            };
+            block_on_runtime(rt, relay(*args))
+        }
     }
 }
 
 fn block_on(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let rt = match tokio::runtime::Runtime::new() {
+    block_on_runtime(tokio::runtime::Runtime::new(), fut)
+}
+
+/// Runs `fut` on the runtime `rt` (or says why there is none).
+fn block_on_runtime(
+    rt: std::io::Result<tokio::runtime::Runtime>,
+    fut: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

@@ -9,6 +9,8 @@ use http::StatusCode;
 /// Close codes of the relay (4000-4999 is the private-use range; the others
 /// are RFC 6455 codes). `docs/relay.md` lists them for client authors.
 pub mod close {
+    /// A normal close: the relay let an idle upstream go.
+    pub const NORMAL: u16 = 1000;
     /// The relay is shutting down (or restarting): reconnect.
     pub const GOING_AWAY: u16 = 1001;
     /// A frame was larger than `--max-message-bytes`.

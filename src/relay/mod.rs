@@ -35,12 +35,12 @@ pub mod routing;
 mod server;
 pub mod session;
 pub mod upstream;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -77,11 +77,11 @@ pub struct RelayConfig {
     pub lease_refresh: Duration,
     /// On shutdown, how long sessions get to close before the process exits.
     pub drain_timeout: Duration,
-    /// tungstenite read buffer per socket: allocated up front, so it is most
-    /// of an idle session's memory (two sockets per session).
+    /// Read buffer per socket, at its idle size: most of an idle session's
+    /// memory (two sockets per session). A larger message grows it while
+    /// it is read. Writes are not buffered: a relayed message goes to the
+    /// socket as it came.
     pub read_buffer_bytes: usize,
-    /// Writes are batched up to this size before hitting the socket.
-    pub write_buffer_bytes: usize,
 }
 
 impl Default for RelayConfig {
@@ -101,29 +101,16 @@ impl Default for RelayConfig {
             lease_refresh: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 4 * 1024,
-            write_buffer_bytes: 4 * 1024,
         }
     }
 }
 
 impl RelayConfig {
-    fn ws_config(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(self.write_buffer_bytes)
-            // Backpressure instead of unbounded buffering when a peer stops
-            // reading: one full message plus the batch.
-            .max_write_buffer_size(self.write_buffer_bytes + self.max_message_bytes + 64 * 1024)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes))
-    }
-
-    pub(crate) fn browser_ws_config(&self) -> WebSocketConfig {
-        self.ws_config()
-    }
-
-    pub(crate) fn upstream_ws_config(&self) -> WebSocketConfig {
-        self.ws_config()
+    pub(crate) fn upstream_buffers(&self) -> upstream::Buffers {
+        upstream::Buffers {
+            read_buffer: self.read_buffer_bytes,
+            max_message: self.max_message_bytes,
+        }
     }
 
     fn validate(&self) -> Result<(), Error> {

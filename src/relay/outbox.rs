@@ -14,8 +14,8 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Deserialize;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::error::Error;
 
@@ -47,44 +47,89 @@ pub struct Head<'a> {
     pub id: Option<Cow<'a, str>>,
 }
 
-/// Reads type and id of a text frame; anything not a JSON object gives an
-/// empty head (the runtime answers it with an error; the relay just passes
-/// it on untracked).
-pub fn head(text: &str) -> Head<'_> {
+/// Reads type and id of a text frame's payload; anything not a JSON object
+/// (or not UTF-8) gives an empty head (the runtime answers it with an error;
+/// the relay just passes it on untracked).
+pub fn head(text: &[u8]) -> Head<'_> {
     #[derive(Deserialize)]
     struct Loose<'a> {
         #[serde(rename = "type", borrow, default)]
-        type_: Option<LooseStr<'a>>,
+        type_: LooseStr<'a>,
         #[serde(borrow, default)]
-        id: Option<LooseStr<'a>>,
-    }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum LooseStr<'a> {
-        Str(#[serde(borrow)] Cow<'a, str>),
-        Other(serde::de::IgnoredAny),
-    }
-    fn string(v: Option<LooseStr<'_>>) -> Option<Cow<'_, str>> {
-        match v {
-            Some(LooseStr::Str(s)) => Some(s),
-            _ => None,
-        }
+        id: LooseStr<'a>,
     }
     // A non-string `type` or `id` must not make the whole frame unreadable
     // to us: the runtime decides what is valid.
-    match serde_json::from_str::<Loose<'_>>(text) {
+    match serde_json::from_slice::<Loose<'_>>(text) {
         Ok(l) => Head {
-            type_: string(l.type_),
-            id: string(l.id).filter(|s| !s.is_empty() && s.chars().count() <= MAX_ID_CHARS),
+            type_: l.type_.0,
+            id: l
+                .id
+                .0
+                .filter(|s| !s.is_empty() && s.chars().count() <= MAX_ID_CHARS),
         },
         Err(_) => Head::default(),
     }
 }
 
+/// A string, or None for a value of any other type. Deserialized by a
+/// visitor of its own: an untagged enum (string or anything) would buffer
+/// every value, which cost a tenth of the relay's time per message.
+#[derive(Default)]
+struct LooseStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for LooseStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = LooseStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(LooseStr(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(LooseStr(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(LooseStr(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(LooseStr(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(LooseStr(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
 /// If `text` is the runtime's ack, the id it acknowledges. Cheap for every
 /// other frame: acks are small, so large frames are not parsed at all.
-pub fn acked_id(text: &str) -> Option<String> {
-    if text.len() > 1024 || !text.contains("\"ack\"") {
+pub fn acked_id(text: &[u8]) -> Option<String> {
+    if text.len() > 1024 || !text.windows(5).any(|w| w == b"\"ack\"") {
         return None;
     }
     #[derive(Deserialize)]
@@ -97,22 +142,17 @@ pub fn acked_id(text: &str) -> Option<String> {
     struct AckPayload {
         id: String,
     }
-    let a: Ack = serde_json::from_str(text).ok()?;
+    let a: Ack = serde_json::from_slice(text).ok()?;
     (a.type_ == "ack").then_some(a.payload.id)
 }
 
 struct Item {
-    frame: Message,
+    /// The message as it came from the browser, ready to write.
+    wire: Bytes,
+    /// Its payload length, what the byte bound counts.
+    len: usize,
     /// The id of the message this frame belongs to; None: untracked.
     id: Option<Arc<str>>,
-}
-
-fn frame_len(m: &Message) -> usize {
-    match m {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        _ => 0,
-    }
 }
 
 #[derive(Default)]
@@ -135,8 +175,7 @@ impl Outbox {
         }
     }
 
-    fn push(&mut self, frame: Message, id: Option<Arc<str>>) -> Result<(), Error> {
-        let len = frame_len(&frame);
+    fn push(&mut self, wire: Bytes, len: usize, id: Option<Arc<str>>) -> Result<(), Error> {
         if self.items.len() + 1 > self.limits.max_messages || self.bytes + len > self.limits.max_bytes {
             return Err(Error::BacklogFull {
                 messages: self.items.len(),
@@ -144,26 +183,27 @@ impl Outbox {
             });
         }
         self.bytes += len;
-        self.items.push_back(Item { frame, id });
+        self.items.push_back(Item { wire, len, id });
         Ok(())
     }
 
-    /// Queues a text frame; `id` from [`head`].
-    pub fn push_text(&mut self, frame: Message, id: Option<&str>) -> Result<(), Error> {
+    /// Queues a text message (its wire bytes and payload length); `id`
+    /// from [`head`].
+    pub fn push_text(&mut self, wire: Bytes, len: usize, id: Option<&str>) -> Result<(), Error> {
         let id: Option<Arc<str>> = id.map(Arc::from);
         self.open_id = id.clone();
-        self.push(frame, id)
+        self.push(wire, len, id)
     }
 
-    /// Queues a binary frame, joining the tracked text frame before it.
-    pub fn push_binary(&mut self, frame: Message) -> Result<(), Error> {
+    /// Queues a binary message, joining the tracked text message before it.
+    pub fn push_binary(&mut self, wire: Bytes, len: usize) -> Result<(), Error> {
         let id = self.open_id.clone();
-        self.push(frame, id)
+        self.push(wire, len, id)
     }
 
-    /// The next frame to write on the current connection.
-    pub fn next_unsent(&self) -> Option<&Message> {
-        self.items.get(self.sent).map(|i| &i.frame)
+    /// The next message to write on the current connection.
+    pub fn next_unsent(&self) -> Option<&Bytes> {
+        self.items.get(self.sent).map(|i| &i.wire)
     }
 
     /// Records that [`Self::next_unsent`] was written. Untracked frames are
@@ -174,7 +214,7 @@ impl Outbox {
         };
         if item.id.is_none() {
             let item = self.items.remove(self.sent).expect("present");
-            self.bytes -= frame_len(&item.frame);
+            self.bytes -= item.len;
         } else {
             self.sent += 1;
         }
@@ -191,7 +231,7 @@ impl Outbox {
         while i < self.sent {
             if self.items[i].id.as_deref() == Some(id) {
                 let item = self.items.remove(i).expect("present");
-                self.bytes -= frame_len(&item.frame);
+                self.bytes -= item.len;
                 self.sent -= 1;
                 released += 1;
             } else {
@@ -229,8 +269,14 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn text(s: &str) -> Message {
-        Message::text(s.to_string())
+    /// The outbox does not look into messages: plain bytes stand for wire
+    /// frames here.
+    fn text(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
+    }
+
+    fn binary(n: usize) -> Bytes {
+        Bytes::from(format!("bin:{n}"))
     }
 
     fn env(id: &str) -> String {
@@ -241,57 +287,60 @@ mod tests {
     fn flush(o: &mut Outbox) -> Vec<String> {
         let mut out = vec![];
         while let Some(m) = o.next_unsent() {
-            out.push(match m {
-                Message::Text(t) => t.to_string(),
-                Message::Binary(b) => format!("bin:{}", b.len()),
-                _ => unreachable!(),
-            });
+            out.push(String::from_utf8(m.to_vec()).unwrap());
             o.mark_sent();
         }
         out
     }
 
     fn push(o: &mut Outbox, s: &str) {
-        let h = head(s);
-        o.push_text(text(s), h.id.as_deref()).unwrap();
+        let h = head(s.as_bytes());
+        o.push_text(text(s), s.len(), h.id.as_deref()).unwrap();
     }
 
     #[test]
     fn head_reads_type_and_valid_ids_only() {
-        let h = head(r#"{"type":"ping","id":"a-1","payload":{"big":[1,2,3]}}"#);
+        let h = head(r#"{"type":"ping","id":"a-1","payload":{"big":[1,2,3]}}"#.as_bytes());
         assert_eq!((h.type_.as_deref(), h.id.as_deref()), (Some("ping"), Some("a-1")));
-        assert_eq!(head(r#"{"type":"ping"}"#).id, None);
-        assert_eq!(head(r#"{"type":"ping","id":7}"#).id, None);
-        assert_eq!(head(r#"{"type":"ping","id":""}"#).id, None);
+        assert_eq!(head(r#"{"type":"ping"}"#.as_bytes()).id, None);
+        assert_eq!(head(r#"{"type":"ping","id":7}"#.as_bytes()).id, None);
+        assert_eq!(head(r#"{"type":"ping","id":""}"#.as_bytes()).id, None);
         assert_eq!(
-            head(&format!(r#"{{"type":"p","id":"{}"}}"#, "x".repeat(201))).id,
+            head(format!(r#"{{"type":"p","id":"{}"}}"#, "x".repeat(201)).as_bytes()).id,
             None
         );
         assert!(
-            head(&format!(r#"{{"type":"p","id":"{}"}}"#, "é".repeat(200)))
+            head(format!(r#"{{"type":"p","id":"{}"}}"#, "é".repeat(200)).as_bytes())
                 .id
                 .is_some()
         );
-        assert_eq!(head(r#"{"type":3,"id":"z"}"#).id.as_deref(), Some("z"));
-        assert_eq!(head("not json"), Head::default());
-        assert_eq!(head("[1]"), Head::default());
+        assert_eq!(head(r#"{"type":3,"id":"z"}"#.as_bytes()).id.as_deref(), Some("z"));
+        assert_eq!(head(b"not json"), Head::default());
+        assert_eq!(head(b"[1]"), Head::default());
         // Escapes in the id are decoded as the runtime decodes them.
-        assert_eq!(head(r#"{"type":"p","id":"a\"b"}"#).id.as_deref(), Some("a\"b"));
+        assert_eq!(
+            head(r#"{"type":"p","id":"a\"b"}"#.as_bytes()).id.as_deref(),
+            Some("a\"b")
+        );
     }
 
     #[test]
     fn acks_are_recognised_cheaply() {
         assert_eq!(
-            acked_id(r#"{"type":"ack","payload":{"id":"c-1","status":"processed"},"id":"u"}"#).as_deref(),
+            acked_id(r#"{"type":"ack","payload":{"id":"c-1","status":"processed"},"id":"u"}"#.as_bytes())
+                .as_deref(),
             Some("c-1")
         );
-        assert_eq!(acked_id(r#"{"type":"pong","payload":{"echo":"ack"}}"#), None);
-        assert_eq!(acked_id(r#"{"type":"pong","payload":{"echo":"\"ack\""}}"#), None);
         assert_eq!(
-            acked_id(&format!(
-                r#"{{"type":"ack","payload":{{"id":"{}"}}}}"#,
-                "x".repeat(2000)
-            )),
+            acked_id(r#"{"type":"pong","payload":{"echo":"ack"}}"#.as_bytes()),
+            None
+        );
+        assert_eq!(
+            acked_id(r#"{"type":"pong","payload":{"echo":"\"ack\""}}"#.as_bytes()),
+            None
+        );
+        assert_eq!(
+            acked_id(format!(r#"{{"type":"ack","payload":{{"id":"{}"}}}}"#, "x".repeat(2000)).as_bytes()),
             None
         );
     }
@@ -339,7 +388,7 @@ mod tests {
             &mut o,
             r#"{"type":"file_upload","payload":{"filename":"a","size":3},"id":"u1"}"#,
         );
-        o.push_binary(Message::binary(vec![1u8, 2, 3])).unwrap();
+        o.push_binary(binary(3), 3).unwrap();
         assert_eq!(flush(&mut o).len(), 2);
         assert_eq!(o.rewind(), 2, "header and body are resent together");
         assert_eq!(flush(&mut o)[1], "bin:3");
@@ -350,14 +399,14 @@ mod tests {
             &mut o,
             r#"{"type":"file_upload","payload":{"filename":"a","size":1}}"#,
         );
-        o.push_binary(Message::binary(vec![1u8])).unwrap();
+        o.push_binary(binary(1), 1).unwrap();
         flush(&mut o);
         assert!(o.is_empty());
         // After its header was acked, a stray binary frame is not tracked.
         push(&mut o, &env("5"));
         flush(&mut o);
         o.ack("5");
-        o.push_binary(Message::binary(vec![1u8])).unwrap();
+        o.push_binary(binary(1), 1).unwrap();
         flush(&mut o);
         assert!(o.is_empty());
     }
@@ -370,7 +419,9 @@ mod tests {
         });
         push(&mut o, &env("1"));
         push(&mut o, &env("2"));
-        let e = o.push_text(text(&env("3")), Some("3")).unwrap_err();
+        let e = o
+            .push_text(text(&env("3")), env("3").len(), Some("3"))
+            .unwrap_err();
         assert!(matches!(e, Error::BacklogFull { messages: 2, .. }));
         flush(&mut o);
         o.ack("1");
@@ -380,10 +431,10 @@ mod tests {
             max_messages: 10,
             max_bytes: 100,
         });
-        o.push_binary(Message::binary(vec![0u8; 60])).unwrap();
-        assert!(o.push_binary(Message::binary(vec![0u8; 60])).is_err());
+        o.push_binary(binary(60), 60).unwrap();
+        assert!(o.push_binary(binary(60), 60).is_err());
         // Untracked frames count only until written.
         flush(&mut o);
-        o.push_binary(Message::binary(vec![0u8; 60])).unwrap();
+        o.push_binary(binary(60), 60).unwrap();
     }
 }

@@ -8,12 +8,16 @@
 //! reason; any other client gets the HTTP status (401, 403, 404, 429) and
 //! no WebSocket at all.
 //!
-//! The upgrade is done here rather than with axum's extractor so that both
-//! sockets of a session are the same tungstenite type, frames pass from one
-//! to the other without conversion, and the buffer sizes are ours.
+//! The upgrade is done here rather than with axum's extractor so that the
+//! browser's socket is a [`super::wire::Socket`] like the upstream one:
+//! frames pass from one to the other as bytes, unconverted, and the buffer
+//! sizes are ours.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::body::Body;
@@ -21,18 +25,21 @@ use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto::upgrade;
 use serde::Deserialize;
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::auth::{self, SUBPROTOCOL};
 use super::error::Error;
 use super::metrics::ReasonLabels;
 use super::routing::{self, Target};
+use super::wire::{Role, Socket};
 use super::{Relay, limits::Permit, session};
 
 pub async fn serve(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> std::io::Result<()> {
@@ -193,7 +200,7 @@ async fn ws(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return (StatusCode::BAD_REQUEST, "connection cannot be upgraded").into_response();
     };
-    let ws_config = relay.config.browser_ws_config();
+    let (read_buffer, max_message) = (relay.config.read_buffer_bytes, relay.config.max_message_bytes);
     let task_relay = relay.clone();
     let task = async move {
         let upgraded = match on_upgrade.await {
@@ -203,8 +210,19 @@ async fn ws(
                 return;
             }
         };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        // The TCP stream itself rather than hyper's wrappers around it:
+        // they sit on every read of the session.
+        let (io, early) = match upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
+            Ok(parts) => (
+                BrowserIo::Tcp(parts.io.into_inner()),
+                BytesMut::from(parts.read_buf),
+            ),
+            Err(upgraded) => {
+                debug!("upgraded connection is not a TCP stream: relaying through hyper's wrapper");
+                (BrowserIo::Upgraded(TokioIo::new(upgraded)), BytesMut::new())
+            }
+        };
+        let socket = Socket::new(io, Role::Server, early, read_buffer, max_message);
         match admitted {
             Err(e) => session::refuse(socket, &e).await,
             Ok((target, permit, sid)) => {
@@ -235,6 +253,46 @@ async fn ws(
         );
     }
     response
+}
+
+/// The browser's byte stream: the accepted TCP stream (always, behind
+/// `axum::serve`), or hyper's upgraded connection should it ever be
+/// something else.
+enum BrowserIo {
+    Tcp(TcpStream),
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl AsyncRead for BrowserIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BrowserIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            BrowserIo::Upgraded(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BrowserIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BrowserIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            BrowserIo::Upgraded(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BrowserIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            BrowserIo::Upgraded(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BrowserIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            BrowserIo::Upgraded(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 #[cfg(test)]

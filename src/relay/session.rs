@@ -12,11 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Relay;
@@ -25,6 +22,7 @@ use super::metrics::{DirectionLabels, OutcomeLabels, ReasonLabels};
 use super::outbox::{self, Outbox};
 use super::routing::Target;
 use super::upstream::Upstream;
+use super::wire::{Kind, Socket, WireError};
 
 /// How long to wait for a close handshake to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -33,8 +31,10 @@ const NEVER: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a session ended.
 enum End {
-    /// The browser closed or went away.
+    /// The browser went away.
     BrowserGone,
+    /// The browser closed the connection (its Close was answered).
+    BrowserClosed,
     /// The relay is shutting down.
     Shutdown,
     /// An error the browser is told about in the close frame.
@@ -61,26 +61,16 @@ struct State {
     next_browser_ping: Instant,
 }
 
-fn close_frame(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }))
-}
-
 /// The runtime's `hello`, naming the session so that its ids survive
 /// reconnects.
-pub fn hello(session: &str) -> Message {
-    Message::text(serde_json::json!({"type": "hello", "payload": {"session": session}}).to_string())
+pub fn hello(session: &str) -> String {
+    serde_json::json!({"type": "hello", "payload": {"session": session}}).to_string()
 }
 
 /// Sends a refusal to a browser that was upgraded only to be told why.
-pub async fn refuse<S>(browser: S, err: &Error)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    let frame = close_frame(err.close_code(), err.close_reason());
-    let _ = tokio::time::timeout(CLOSE_WAIT, close_and_drain(browser, frame)).await;
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut browser: Socket<S>, err: &Error) {
+    let close = close_and_drain(&mut browser, err.close_code(), err.close_reason());
+    let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
 }
 
 /// The closing handshake, server side: send our Close, then read until the
@@ -89,42 +79,37 @@ where
 /// discards what the peer had not read yet: our Close with its 44xx code
 /// would be lost and the browser would see a broken connection instead.
 /// Callers bound the wait.
-async fn close_and_drain<S>(mut browser: S, frame: Message)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    if browser.send(frame).await.is_err() {
+async fn close_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
+    browser: &mut Socket<S>,
+    code: u16,
+    reason: &str,
+) {
+    if browser.close(Some(code), reason).await.is_err() {
         return;
     }
-    if browser.close().await.is_err() {
-        return;
-    }
-    while let Some(Ok(m)) = browser.next().await {
-        if m.is_close() {
+    while let Ok(Some(m)) = browser.next().await {
+        if m.kind == Kind::Close {
             break;
         }
     }
 }
 
 /// Writes every frame the current upstream has not seen yet.
-async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> Result<usize, WsError> {
+async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result<usize> {
     let mut n = 0;
     while let Some(m) = outbox.next_unsent() {
-        up.feed(m.clone()).await?;
+        up.send_wire(m).await?;
         outbox.mark_sent();
         n += 1;
-    }
-    if n > 0 {
-        up.flush().await?;
     }
     Ok(n)
 }
 
 /// Runs a session until the browser leaves, the relay shuts down or an error
 /// ends it. `session` names the runtime session (the `hello`).
-pub async fn run<S>(relay: Arc<Relay>, mut browser: S, target: Target, session: String)
+pub async fn run<S>(relay: Arc<Relay>, mut browser: Socket<S>, target: Target, session: String)
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let cfg = &relay.config;
     let m = &relay.metrics;
@@ -170,10 +155,10 @@ where
             st.retry_at = None;
             let connector = relay.connector.clone();
             let t = target.clone();
-            let ws_cfg = cfg.upstream_ws_config();
+            let buffers = cfg.upstream_buffers();
             let limit = cfg.connect_timeout;
             connecting = Some(Box::pin(async move {
-                tokio::time::timeout(limit, connector.connect(&t, ws_cfg))
+                tokio::time::timeout(limit, connector.connect(&t, buffers))
                     .await
                     .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
             }));
@@ -222,11 +207,21 @@ where
                 }
             }
             msg = browser.next() => {
-                match msg {
-                    Some(Ok(Message::Text(t))) => {
-                        st.last_activity = Instant::now();
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break End::BrowserGone,
+                    Err(WireError::TooBig(_)) => break End::Refused(Error::TooBig(cfg.max_message_bytes)),
+                    Err(e) => {
+                        debug!(error = %e, "browser socket error");
+                        break End::BrowserGone;
+                    }
+                };
+                match msg.kind {
+                    Kind::Text => {
+                        st.last_activity = now;
                         st.wanted = true;
-                        let h = outbox::head(&t);
+                        let payload = msg.payload();
+                        let h = outbox::head(&payload);
                         if h.type_.as_deref() == Some("hello") {
                             // The relay names the runtime session (the
                             // `session` query parameter); a browser hello
@@ -238,24 +233,29 @@ where
                             continue;
                         }
                         let id = h.id.map(|c| c.into_owned());
-                        if let Err(e) = st.outbox.push_text(Message::Text(t), id.as_deref()) {
+                        if let Err(e) = st.outbox.push_text(msg.wire.clone(), msg.len(), id.as_deref()) {
                             break End::Refused(e);
                         }
                     }
-                    Some(Ok(Message::Binary(b))) => {
-                        st.last_activity = Instant::now();
+                    Kind::Binary => {
+                        st.last_activity = now;
                         st.wanted = true;
-                        if let Err(e) = st.outbox.push_binary(Message::Binary(b)) {
+                        if let Err(e) = st.outbox.push_binary(msg.wire.clone(), msg.len()) {
                             break End::Refused(e);
                         }
                     }
-                    // Pongs to our pings, or pings tungstenite answers itself.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break End::BrowserGone,
-                    Some(Err(WsError::Capacity(_))) => break End::Refused(Error::TooBig(cfg.max_message_bytes)),
-                    Some(Err(e)) => {
-                        debug!(error = %e, "browser socket error");
-                        break End::BrowserGone;
+                    Kind::Ping => {
+                        if browser.pong(&msg).await.is_err() {
+                            break End::BrowserGone;
+                        }
+                        continue;
+                    }
+                    // Answers to our pings.
+                    Kind::Pong => continue,
+                    Kind::Close => {
+                        // Finish the closing handshake with the browser's code.
+                        let _ = browser.close(msg.close_code(), "").await;
+                        break End::BrowserClosed;
                     }
                 }
                 frames_up.inc();
@@ -267,31 +267,48 @@ where
                 }
             }
             msg = async { up.as_mut().expect("guarded").next().await }, if up.is_some() => {
-                let forward = match msg {
-                    Some(Ok(Message::Text(t))) => {
-                        if std::mem::take(&mut st.swallow_hello)
-                            && outbox::head(&t).type_.as_deref() == Some("hello")
-                        {
-                            continue;
-                        }
-                        if let Some(id) = outbox::acked_id(&t) {
-                            st.outbox.ack(&id);
-                        }
-                        Message::Text(t)
-                    }
-                    Some(Ok(Message::Binary(b))) => Message::Binary(b),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Err(WsError::Capacity(_))) => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Err(WireError::TooBig(_)) => {
                         break End::Refused(Error::Upstream("the runtime sent a frame over the size cap".into()));
                     }
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    Ok(None) | Err(_) => {
                         up = None;
                         on_upstream_lost(&relay, &mut st);
                         continue;
                     }
                 };
+                match msg.kind {
+                    Kind::Text => {
+                        let payload = msg.payload();
+                        if std::mem::take(&mut st.swallow_hello)
+                            && outbox::head(&payload).type_.as_deref() == Some("hello")
+                        {
+                            continue;
+                        }
+                        if let Some(id) = outbox::acked_id(&payload) {
+                            st.outbox.ack(&id);
+                        }
+                    }
+                    Kind::Binary => {}
+                    Kind::Ping => {
+                        if up.as_mut().expect("guarded").pong(&msg).await.is_err() {
+                            up = None;
+                            on_upstream_lost(&relay, &mut st);
+                        }
+                        continue;
+                    }
+                    Kind::Pong => continue,
+                    Kind::Close => {
+                        let ws = up.as_mut().expect("guarded");
+                        let _ = ws.close(msg.close_code(), "").await;
+                        up = None;
+                        on_upstream_lost(&relay, &mut st);
+                        continue;
+                    }
+                }
                 frames_down.inc();
-                if browser.send(forward).await.is_err() {
+                if browser.send_wire(&msg.wire).await.is_err() {
                     break End::BrowserGone;
                 }
             }
@@ -305,7 +322,7 @@ where
                     if now >= st.last_activity + cfg.idle_timeout {
                         // Let the VM sleep; the next browser frame wakes it.
                         info!(idle_for = ?now.duration_since(st.last_activity), "browser idle: closing the upstream");
-                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(Some(close::NORMAL), "")).await;
                         up = None;
                         st.wanted = false;
                         st.next_keepalive = now + NEVER;
@@ -313,7 +330,7 @@ where
                     } else {
                         if now >= st.next_keepalive {
                             st.next_keepalive = now + cfg.keepalive_interval;
-                            if ws.send(Message::Ping(Default::default())).await.is_err() {
+                            if ws.ping().await.is_err() {
                                 up = None;
                                 on_upstream_lost(&relay, &mut st);
                             }
@@ -326,7 +343,7 @@ where
                 }
                 if now >= st.next_browser_ping {
                     st.next_browser_ping = now + cfg.browser_ping_interval;
-                    if browser.send(Message::Ping(Default::default())).await.is_err() {
+                    if browser.ping().await.is_err() {
                         break End::BrowserGone;
                     }
                 }
@@ -335,35 +352,33 @@ where
     };
 
     let reason = match &end {
-        End::BrowserGone => "browser_gone",
+        End::BrowserGone | End::BrowserClosed => "browser_gone",
         End::Shutdown => "shutdown",
         End::Refused(e) => e.metric_label(),
     };
     m.session_ends.get_or_create(&ReasonLabels { reason }).inc();
     m.sessions_active.dec();
     match &end {
-        End::BrowserGone => info!(pending = st.outbox.len(), "session ended by the browser"),
+        End::BrowserGone | End::BrowserClosed => {
+            info!(pending = st.outbox.len(), "session ended by the browser")
+        }
         End::Shutdown => info!("session closed: relay shutting down"),
         End::Refused(e) => warn!(error = %e, code = e.close_code(), "session closed"),
     }
     // Close both sides; neither wait may hold the session for long.
-    let frame = match &end {
-        End::BrowserGone => None,
-        End::Shutdown => Some(close_frame(close::GOING_AWAY, "relay shutting down")),
-        End::Refused(e) => Some(close_frame(e.close_code(), e.close_reason())),
-    };
     let browser_close = async {
-        match frame {
-            Some(f) => close_and_drain(&mut browser, f).await,
-            // The browser left: answer its Close, if it sent one, and go.
-            None => {
-                let _ = browser.close().await;
-            }
+        match &end {
+            End::Shutdown => close_and_drain(&mut browser, close::GOING_AWAY, "relay shutting down").await,
+            End::Refused(e) => close_and_drain(&mut browser, e.close_code(), e.close_reason()).await,
+            // Already answered.
+            End::BrowserClosed => {}
+            // The browser left without a Close: nothing to answer.
+            End::BrowserGone => {}
         }
     };
     let upstream_close = async {
         if let Some(ws) = up.as_mut() {
-            let _ = ws.close(None).await;
+            let _ = ws.close(Some(close::NORMAL), "").await;
         }
     };
     let _ = tokio::time::timeout(CLOSE_WAIT, futures::future::join(browser_close, upstream_close)).await;
@@ -377,8 +392,8 @@ async fn on_connected(
     session: &str,
     st: &mut State,
     mut ws: Upstream,
-) -> Result<Upstream, WsError> {
-    ws.feed(hello(session)).await?;
+) -> std::io::Result<Upstream> {
+    ws.send_text(hello(session)).await?;
     let resent = st.outbox.rewind();
     if resent > 0 {
         relay.metrics.resent_frames.inc_by(resent as u64);
@@ -388,7 +403,6 @@ async fn on_connected(
     }
     st.swallow_hello = true;
     flush_outbox(&mut ws, &mut st.outbox).await?;
-    ws.flush().await?;
     st.failing_since = None;
     st.backoff = None;
     let now = Instant::now();
@@ -438,16 +452,15 @@ fn schedule_retry(relay: &Relay, st: &mut State) -> Result<(), Error> {
 }
 
 /// Answers a browser `hello` as the runtime would: the session it is in.
-async fn answer_hello<S>(browser: &mut S, session: &str, id: Option<&str>) -> Result<(), WsError>
+async fn answer_hello<S>(browser: &mut Socket<S>, session: &str, id: Option<&str>) -> std::io::Result<()>
 where
-    S: Sink<Message, Error = WsError> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Some(id) = id {
         let ack = serde_json::json!({"type": "ack", "payload": {"id": id, "status": "processed"}});
-        browser.feed(Message::text(ack.to_string())).await?;
+        browser.send_text(ack.to_string()).await?;
     }
-    let reply = serde_json::json!({"type": "hello", "payload": {"session": session}});
-    browser.send(Message::text(reply.to_string())).await
+    browser.send_text(hello(session)).await
 }
 
 #[cfg(test)]
@@ -456,8 +469,7 @@ mod tests {
 
     #[test]
     fn hello_names_the_session() {
-        let Message::Text(t) = hello("s-1") else { panic!() };
-        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&hello("s-1")).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type": "hello", "payload": {"session": "s-1"}})

@@ -9,11 +9,10 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::error::Error;
 use super::routing::Target;
+use super::wire::{self, Role, Socket};
 use crate::sprites::{ProxyStream, SpritesClient};
 
 /// How the relay reaches runtimes.
@@ -33,12 +32,19 @@ pub enum UpstreamIo {
     Tcp(TcpStream),
 }
 
-pub type Upstream = WebSocketStream<UpstreamIo>;
+pub type Upstream = Socket<UpstreamIo>;
+
+/// Sizes of the upstream socket.
+#[derive(Clone, Copy, Debug)]
+pub struct Buffers {
+    pub read_buffer: usize,
+    pub max_message: usize,
+}
 
 impl Connector {
     /// Opens the runtime's WebSocket for `target`.
-    pub async fn connect(&self, target: &Target, config: WebSocketConfig) -> Result<Upstream, Error> {
-        match self {
+    pub async fn connect(&self, target: &Target, buffers: Buffers) -> Result<Upstream, Error> {
+        let (mut io, host, path) = match self {
             Connector::Sprites(client) => {
                 let stream = client
                     .proxy(&target.vm, "localhost", target.port)
@@ -46,12 +52,11 @@ impl Connector {
                     .map_err(|e| Error::Upstream(e.to_string()))?;
                 // The Host header names the VM-local address the runtime
                 // listens on; the runtime does not check it.
-                let url = format!("ws://localhost:{}/", target.port);
-                let (ws, _) =
-                    tokio_tungstenite::client_async_with_config(url, UpstreamIo::Proxy(stream), Some(config))
-                        .await
-                        .map_err(|e| Error::Upstream(format!("runtime handshake: {e}")))?;
-                Ok(ws)
+                (
+                    UpstreamIo::Proxy(stream),
+                    format!("localhost:{}", target.port),
+                    "/".to_string(),
+                )
             }
             Connector::Fixed(url) => {
                 let host = url.host_str().unwrap_or("127.0.0.1");
@@ -60,16 +65,23 @@ impl Connector {
                     .await
                     .map_err(|e| Error::Upstream(format!("connect {host}:{port}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
-                let (ws, _) = tokio_tungstenite::client_async_with_config(
-                    url.as_str(),
+                (
                     UpstreamIo::Tcp(tcp),
-                    Some(config),
+                    format!("{host}:{port}"),
+                    url.path().to_string(),
                 )
-                .await
-                .map_err(|e| Error::Upstream(format!("handshake: {e}")))?;
-                Ok(ws)
             }
-        }
+        };
+        let early = wire::client_handshake(&mut io, &host, &path)
+            .await
+            .map_err(|e| Error::Upstream(format!("runtime handshake: {e}")))?;
+        Ok(Socket::new(
+            io,
+            Role::Client,
+            early,
+            buffers.read_buffer,
+            buffers.max_message,
+        ))
     }
 }
 
