@@ -13,11 +13,8 @@
 //! frames pass from one to the other as bytes, unconverted, and the buffer
 //! sizes are ours.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::body::Body;
@@ -30,9 +27,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto::upgrade;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::either::Either;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::auth::{self, SUBPROTOCOL};
@@ -214,12 +211,12 @@ async fn ws(
         // they sit on every read of the session.
         let (io, early) = match upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
             Ok(parts) => (
-                BrowserIo::Tcp(parts.io.into_inner()),
+                Either::Left(parts.io.into_inner()),
                 BytesMut::from(parts.read_buf),
             ),
             Err(upgraded) => {
                 debug!("upgraded connection is not a TCP stream: relaying through hyper's wrapper");
-                (BrowserIo::Upgraded(TokioIo::new(upgraded)), BytesMut::new())
+                (Either::Right(TokioIo::new(upgraded)), BytesMut::new())
             }
         };
         let socket = Socket::new(io, Role::Server, early, read_buffer, max_message);
@@ -253,46 +250,6 @@ async fn ws(
         );
     }
     response
-}
-
-/// The browser's byte stream: the accepted TCP stream (always, behind
-/// `axum::serve`), or hyper's upgraded connection should it ever be
-/// something else.
-enum BrowserIo {
-    Tcp(TcpStream),
-    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
-}
-
-impl AsyncRead for BrowserIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BrowserIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            BrowserIo::Upgraded(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BrowserIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BrowserIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            BrowserIo::Upgraded(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BrowserIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            BrowserIo::Upgraded(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BrowserIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            BrowserIo::Upgraded(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,8 @@
 //! the VM), or, for benchmarks and local development only, straight to a
 //! fixed WebSocket URL.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use super::error::Error;
 use super::routing::Target;
@@ -26,11 +22,9 @@ pub enum Connector {
     Fixed(url::Url),
 }
 
-/// The byte stream under the upstream WebSocket.
-pub enum UpstreamIo {
-    Proxy(ProxyStream),
-    Tcp(TcpStream),
-}
+/// The byte stream under the upstream WebSocket: the Sprites.dev proxy, or
+/// TCP (a fixed URL).
+pub type UpstreamIo = Either<ProxyStream, TcpStream>;
 
 pub type Upstream = Socket<UpstreamIo>;
 
@@ -53,7 +47,7 @@ impl Connector {
                 // The Host header names the VM-local address the runtime
                 // listens on; the runtime does not check it.
                 (
-                    UpstreamIo::Proxy(stream),
+                    Either::Left(stream),
                     format!("localhost:{}", target.port),
                     "/".to_string(),
                 )
@@ -66,7 +60,7 @@ impl Connector {
                     .map_err(|e| Error::Upstream(format!("connect {host}:{port}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
                 (
-                    UpstreamIo::Tcp(tcp),
+                    Either::Right(tcp),
                     format!("{host}:{port}"),
                     url.path().to_string(),
                 )
@@ -82,37 +76,5 @@ impl Connector {
             buffers.read_buffer,
             buffers.max_message,
         ))
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Proxy(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Proxy(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Proxy(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Proxy(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
