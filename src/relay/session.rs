@@ -95,14 +95,12 @@ async fn close_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Writes every frame the current upstream has not seen yet.
-async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result<usize> {
-    let mut n = 0;
+async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result<()> {
     while let Some(m) = outbox.next_unsent() {
         up.send_wire(m).await?;
         outbox.mark_sent();
-        n += 1;
     }
-    Ok(n)
+    Ok(())
 }
 
 /// Runs a session until the browser leaves, the relay shuts down or an error
