@@ -56,7 +56,13 @@ fn delta(before: &Value, after: &Value, cause: &str) -> i64 {
 }
 
 /// Between two snapshots: `beats` heartbeats (from status) in `range`, as
-/// many commands run, each of them a wake, and no wake by any other cause.
+/// many commands run, every wake one of those commands, and no wake by any
+/// other cause.
+///
+/// Not every command has to be a wake: a tick served late under a loaded run
+/// can find the VM still awake from the previous heartbeat (a CI run saw 4
+/// commands and 3 wakes). That is timing, not a stray wake; a stray command
+/// would push the command count out of `range`.
 fn assert_only_heartbeat_wakes(
     before: &(Value, usize),
     after: &(Value, usize),
@@ -70,7 +76,11 @@ fn assert_only_heartbeat_wakes(
         range.contains(&execs),
         "{execs} heartbeat commands, expected {range:?}"
     );
-    assert_eq!(delta(wakes0, wakes1, "exec"), execs, "wakes {wakes0} -> {wakes1}");
+    let exec_wakes = delta(wakes0, wakes1, "exec");
+    assert!(
+        (1..=execs).contains(&exec_wakes),
+        "{exec_wakes} wakes by command for {execs} commands: {wakes0} -> {wakes1}"
+    );
     for cause in ["fs", "proxy", "checkpoint"] {
         assert_eq!(
             delta(wakes0, wakes1, cause),
@@ -370,8 +380,8 @@ async fn heartbeats_run_on_schedule_and_are_the_only_wakes() {
     let after = sim_snapshot(&env, "vm-beat").await;
     let end = status_of(&env.ns, "beat").await;
 
-    // In one snapshot: every wake was a command, and every command (a
-    // heartbeat: nothing else runs one in a converged Sprite) woke the VM.
+    // In one snapshot: every wake was a command, and every command was a
+    // heartbeat (nothing else runs one in a converged Sprite).
     assert_only_heartbeat_wakes(&before, &after, end.wakes - start.wakes, 2..=5);
     assert!(end.last_heartbeat_time > start.last_heartbeat_time);
     assert!(end.next_heartbeat_time.as_ref().unwrap().0 > end.last_heartbeat_time.as_ref().unwrap().0);
@@ -521,8 +531,8 @@ async fn over_a_simulated_hour_the_only_wakes_are_heartbeats() {
 
     let hours = t1.duration_since(t0).as_secs_f64() / 3600.0;
     assert!((0.9..1.3).contains(&hours), "simulated {hours} h");
-    // In one snapshot: every wake was a command, and every command (a
-    // heartbeat: nothing else runs one in a converged Sprite) woke the VM.
+    // In one snapshot: every wake was a command, and every command was a
+    // heartbeat (nothing else runs one in a converged Sprite).
     assert_only_heartbeat_wakes(&before, &after, end.wakes - start.wakes, 11..=13);
     assert_eq!(
         end.skipped_heartbeats, start.skipped_heartbeats,
