@@ -165,6 +165,7 @@ pub async fn start(opts: DemoOptions) -> Result<Demo, DemoError> {
         jwt: JwtVerifier::none(),
         connector: Connector::Sprites(sprites.clone()),
         kube: Some(client.clone()),
+        background: None,
     })
     .await?;
     say(&format!("relay at {}", relay.ws_url()));

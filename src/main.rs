@@ -128,6 +128,10 @@ struct RelayArgs {
     /// How long sessions get to close on shutdown.
     #[arg(long, default_value = "10s")]
     drain_timeout: humantime::Duration,
+    /// Longest a write to the browser or the runtime may wait for it to
+    /// read before the session is ended (as nginx's send_timeout).
+    #[arg(long, default_value = "60s")]
+    write_timeout: humantime::Duration,
     /// Threads relaying sessions. 1 (the default): one event loop, the
     /// lowest latency per message; more: a work-stealing pool, for more
     /// than one core's worth of traffic in one process.
@@ -343,12 +347,17 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         lease_refresh: std::time::Duration::from(args.session_lease) / 2,
         drain_timeout: args.drain_timeout.into(),
         read_buffer_bytes: args.ws_read_buffer_bytes,
+        write_timeout: args.write_timeout.into(),
         ..RelayConfig::default()
     };
     let jwt = JwtVerifier::from_files(args.jwt_hs256_secret_file.as_deref(), args.jwks_file.as_deref())
         .map_err(|e| e.to_string())?
         .with_issuer(args.jwt_issuer)
         .with_audience(args.jwt_audience);
+    // The kube client and the cache watch run on the relay's background
+    // runtime, with the sessions' timers: their timers (connection read
+    // timeouts) then stay off the event loop that relays frames.
+    let background = relay::background::Background::start().map_err(|e| format!("relay: {e}"))?;
     let (directory, kube) = match &args.dev_static {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -359,11 +368,13 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
             )
         }
         None => {
-            let client = kube::Client::try_default()
+            let client = background
+                .spawn(kube::Client::try_default())
                 .await
+                .map_err(|e| format!("kubernetes client: {e}"))?
                 .map_err(|e| format!("kubernetes client: {e}"))?;
             let (directory, watch) = Directory::watch(client.clone(), args.namespace.as_deref());
-            tokio::spawn(watch);
+            background.spawn(watch);
             (directory, Some(client))
         }
     };
@@ -384,6 +395,7 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         jwt,
         connector,
         kube,
+        background: Some(background),
     })
     .await
     .map_err(|e| format!("relay: {e}"))?;

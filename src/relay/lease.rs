@@ -15,7 +15,8 @@ use crate::api::Sprite;
 use crate::api::sprite::SESSION_ANNOTATION;
 
 pub struct Leases {
-    client: Option<kube::Client>,
+    /// With where its writes run (the relay's background runtime).
+    client: Option<(kube::Client, tokio::runtime::Handle)>,
     /// How far ahead the annotation points.
     pub lease: Duration,
     /// How often a live session pushes it forward.
@@ -37,7 +38,11 @@ pub fn patch_body(value: &str) -> serde_json::Value {
 
 impl Leases {
     /// Without a client (a relay without a cluster) leases are not written.
-    pub fn new(client: Option<kube::Client>, lease: Duration, refresh: Duration) -> Self {
+    pub fn new(
+        client: Option<(kube::Client, tokio::runtime::Handle)>,
+        lease: Duration,
+        refresh: Duration,
+    ) -> Self {
         Self {
             client,
             lease,
@@ -69,7 +74,7 @@ impl Leases {
     /// Pushes the lease forward if no session of this Sprite did recently.
     /// The patch runs in the background: a session never waits for it.
     pub fn touch(&self, namespace: &str, sprite: &str) {
-        let Some(client) = self.client.clone() else {
+        let Some((client, runtime)) = self.client.clone() else {
             return;
         };
         if !self.due(namespace, sprite, Instant::now()) {
@@ -78,7 +83,7 @@ impl Leases {
         let value = until(jiff::Timestamp::now(), self.lease);
         let api: Api<Sprite> = Api::namespaced(client, namespace);
         let name = sprite.to_string();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             match api
                 .patch(&name, &PatchParams::default(), &Patch::Merge(patch_body(&value)))
                 .await

@@ -17,6 +17,7 @@
 //!     jwt: JwtVerifier::none(),
 //!     connector: Connector::Sprites(sprites),
 //!     kube: Some(client),
+//!     background: None,
 //! })
 //! .await
 //! .unwrap();
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod auth;
+pub mod background;
 pub mod error;
 pub mod lease;
 pub mod limits;
@@ -34,6 +36,7 @@ pub mod outbox;
 pub mod routing;
 mod server;
 pub mod session;
+pub mod shutdown;
 pub mod upstream;
 pub mod wire;
 
@@ -41,7 +44,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{JwtVerifier, SUBPROTOCOL, gateway_token_sha256};
@@ -82,6 +84,10 @@ pub struct RelayConfig {
     /// it is read. Writes are not buffered: a relayed message goes to the
     /// socket as it came.
     pub read_buffer_bytes: usize,
+    /// Longest a write to either side may wait for its peer to read; then
+    /// the session ends. Backpressure is kept (a slow reader slows the
+    /// sender); a reader that stopped does not hold the session forever.
+    pub write_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -101,15 +107,18 @@ impl Default for RelayConfig {
             lease_refresh: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 4 * 1024,
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl RelayConfig {
-    pub(crate) fn upstream_buffers(&self) -> upstream::Buffers {
-        upstream::Buffers {
+    /// Both sockets of a session have the same limits.
+    pub(crate) fn socket_limits(&self) -> wire::Limits {
+        wire::Limits {
             read_buffer: self.read_buffer_bytes,
             max_message: self.max_message_bytes,
+            write_timeout: self.write_timeout,
         }
     }
 
@@ -120,6 +129,9 @@ impl RelayConfig {
         }
         if self.keepalive_interval.is_zero() || self.browser_ping_interval.is_zero() {
             return bad("ping intervals must be positive");
+        }
+        if self.write_timeout.is_zero() {
+            return bad("the write timeout must be positive");
         }
         if self.lease_refresh >= self.lease {
             return bad("the lease must be refreshed before it runs out");
@@ -140,7 +152,9 @@ pub struct Relay {
     pub metrics: metrics::Metrics,
     pub limits: Arc<limits::ConnectionLimits>,
     pub leases: lease::Leases,
-    pub shutdown: CancellationToken,
+    pub shutdown: shutdown::Shutdown,
+    /// Timers, watch and lease writes, off the event loop.
+    pub background: background::Background,
     sessions: TaskTracker,
 }
 
@@ -152,6 +166,10 @@ pub struct Parts {
     pub connector: Connector,
     /// For the session lease on Sprites; None: no lease is written.
     pub kube: Option<kube::Client>,
+    /// Where the sessions' timers and the lease writes run; None: a new
+    /// one. `sprite-operator relay` passes the one its cache watch and kube
+    /// client already run on.
+    pub background: Option<background::Background>,
 }
 
 /// A running relay.
@@ -178,7 +196,7 @@ impl RelayHandle {
     /// Stops accepting, closes every session with 1001 and waits (up to the
     /// drain timeout) for them to finish.
     pub async fn shutdown(self) {
-        self.relay.shutdown.cancel();
+        self.relay.shutdown.trigger();
         let _ = self.server.await;
         self.relay.sessions.close();
         if tokio::time::timeout(self.relay.config.drain_timeout, self.relay.sessions.wait())
@@ -194,7 +212,7 @@ impl RelayHandle {
 
     /// Resolves when the relay has been asked to stop.
     pub async fn stopped(&self) {
-        self.relay.shutdown.cancelled().await
+        self.relay.shutdown.triggered().await
     }
 }
 
@@ -203,15 +221,24 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
     parts.config.validate()?;
     let listener = tokio::net::TcpListener::bind(&parts.config.listen).await?;
     let addr = listener.local_addr()?;
+    let background = match parts.background {
+        Some(b) => b,
+        None => background::Background::start()?,
+    };
     let relay = Arc::new(Relay {
-        leases: lease::Leases::new(parts.kube, parts.config.lease, parts.config.lease_refresh),
+        leases: lease::Leases::new(
+            parts.kube.map(|c| (c, background.handle().clone())),
+            parts.config.lease,
+            parts.config.lease_refresh,
+        ),
+        background,
         config: parts.config,
         directory: parts.directory,
         jwt: parts.jwt,
         connector: parts.connector,
         metrics: metrics::Metrics::default(),
         limits: Arc::new(limits::ConnectionLimits::default()),
-        shutdown: CancellationToken::new(),
+        shutdown: shutdown::Shutdown::default(),
         sessions: TaskTracker::new(),
     });
     let server = tokio::spawn(server::serve(listener, relay.clone()));

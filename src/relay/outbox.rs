@@ -12,9 +12,10 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use super::error::Error;
@@ -70,6 +71,20 @@ pub fn head(text: &[u8]) -> Head<'_> {
         },
         Err(_) => Head::default(),
     }
+}
+
+/// What the session needs of a browser's text frame: whether it is a
+/// `hello`, and its id. A frame with none of `"id"`, `"hello"` or a
+/// backslash (an escape could spell either) in it can be neither, and is
+/// not parsed: most frames carry no id, and the parse was the larger part
+/// of the relay's own work per small message.
+pub fn browser_head(text: &[u8]) -> Head<'_> {
+    // Built once: building a finder cost more than the search itself.
+    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"id\""));
+    static HELLO: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"hello\""));
+    let may_matter =
+        memchr::memchr(b'\\', text).is_some() || ID.find(text).is_some() || HELLO.find(text).is_some();
+    if may_matter { head(text) } else { Head::default() }
 }
 
 /// A string, or None for a value of any other type. Deserialized by a
@@ -322,6 +337,40 @@ mod tests {
             head(r#"{"type":"p","id":"a\"b"}"#.as_bytes()).id.as_deref(),
             Some("a\"b")
         );
+    }
+
+    #[test]
+    fn browser_head_parses_only_what_could_matter() {
+        // Whatever head() finds of a hello or an id, browser_head finds too.
+        for s in [
+            r#"{"type":"hello","payload":{}}"#,
+            r#"{"type":"mission","id":"m-1","payload":{"text":"x"}}"#,
+            r#"{"type" : "hello" , "id" : "h"}"#,
+            r#"{"\u0069d":"esc-1","type":"mission"}"#,
+            r#"{"type":"hel\u006co"}"#,
+            r#"{"payload":{"id":"inner"},"type":"x"}"#,
+        ] {
+            assert_eq!(browser_head(s.as_bytes()), head(s.as_bytes()), "{s}");
+        }
+        // Spelled with escapes, still found.
+        assert_eq!(
+            browser_head(br#"{"\u0069d":"esc-1"}"#).id.as_deref(),
+            Some("esc-1")
+        );
+        assert_eq!(
+            browser_head(br#"{"type":"hel\u006co"}"#).type_.as_deref(),
+            Some("hello")
+        );
+        // The rest has neither: an empty head, as head() has no id or hello.
+        for s in [
+            r#"{"type":"ping","payload":"xxxx"}"#,
+            "not json",
+            r#"{"idea":"hello there"}"#,
+        ] {
+            assert_eq!(browser_head(s.as_bytes()), Head::default(), "{s}");
+            let h = head(s.as_bytes());
+            assert!(h.id.is_none() && h.type_.as_deref() != Some("hello"), "{s}");
+        }
     }
 
     #[test]

@@ -51,12 +51,12 @@ pub async fn serve(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> std:
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { relay.shutdown.cancelled().await })
+        .with_graceful_shutdown(async move { relay.shutdown.triggered().await })
         .await
 }
 
 async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
-    if relay.directory.is_ready() && !relay.shutdown.is_cancelled() {
+    if relay.directory.is_ready() && !relay.shutdown.is_triggered() {
         "ok".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
@@ -197,7 +197,7 @@ async fn ws(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return (StatusCode::BAD_REQUEST, "connection cannot be upgraded").into_response();
     };
-    let (read_buffer, max_message) = (relay.config.read_buffer_bytes, relay.config.max_message_bytes);
+    let limits = relay.config.socket_limits();
     let task_relay = relay.clone();
     let task = async move {
         let upgraded = match on_upgrade.await {
@@ -219,7 +219,7 @@ async fn ws(
                 (Either::Right(TokioIo::new(upgraded)), BytesMut::new())
             }
         };
-        let socket = Socket::new(io, Role::Server, early, read_buffer, max_message);
+        let socket = Socket::new(io, Role::Server, early, limits);
         match admitted {
             Err(e) => session::refuse(socket, &e).await,
             Ok((target, permit, sid)) => {

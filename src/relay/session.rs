@@ -137,26 +137,28 @@ where
     };
     let mut up: Option<Upstream> = None;
     let mut connecting: Option<Connecting> = None;
-    let sleep = tokio::time::sleep_until(now + NEVER);
+    // In the background runtime's wheel, not the event loop's (background.rs).
+    let sleep = relay.background.sleep_until(now + NEVER);
     tokio::pin!(sleep);
     let mut timer_at = now + NEVER;
-    // Registered once: a fresh `cancelled()` per turn would take the token's
-    // lock twice for every frame.
-    let shutdown = relay.shutdown.cancelled();
-    tokio::pin!(shutdown);
+    let mut timer_fired = false;
+    let mut shutdown = relay.shutdown.signal();
     info!("session started");
 
     let end = loop {
-        let now = Instant::now();
         // Connect when the session wants its VM and no attempt is waiting.
-        if st.wanted && up.is_none() && connecting.is_none() && st.retry_at.is_none_or(|t| t <= now) {
+        if st.wanted
+            && up.is_none()
+            && connecting.is_none()
+            && st.retry_at.is_none_or(|t| t <= Instant::now())
+        {
             st.retry_at = None;
             let connector = relay.connector.clone();
             let t = target.clone();
-            let buffers = cfg.upstream_buffers();
+            let limits = cfg.socket_limits();
             let limit = cfg.connect_timeout;
             connecting = Some(Box::pin(async move {
-                tokio::time::timeout(limit, connector.connect(&t, buffers))
+                tokio::time::timeout(limit, connector.connect(&t, limits))
                     .await
                     .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
             }));
@@ -172,8 +174,9 @@ where
                 .min(st.next_lease)
                 .min(st.last_activity + cfg.idle_timeout);
         }
-        if deadline < timer_at || timer_at <= now {
+        if deadline < timer_at || timer_fired {
             timer_at = deadline;
+            timer_fired = false;
             sleep.as_mut().reset(deadline);
         }
 
@@ -216,10 +219,10 @@ where
                 };
                 match msg.kind {
                     Kind::Text => {
-                        st.last_activity = now;
+                        st.last_activity = Instant::now();
                         st.wanted = true;
                         let payload = msg.payload();
-                        let h = outbox::head(&payload);
+                        let h = outbox::browser_head(&payload);
                         if h.type_.as_deref() == Some("hello") {
                             // The relay names the runtime session (the
                             // `session` query parameter); a browser hello
@@ -236,7 +239,7 @@ where
                         }
                     }
                     Kind::Binary => {
-                        st.last_activity = now;
+                        st.last_activity = Instant::now();
                         st.wanted = true;
                         if let Err(e) = st.outbox.push_binary(msg.wire.clone(), msg.len()) {
                             break End::Refused(e);
@@ -284,7 +287,11 @@ where
                         {
                             continue;
                         }
-                        if let Some(id) = outbox::acked_id(&payload) {
+                        // Only a frame written and not yet acked can be
+                        // acked: with none, the reply is not looked into.
+                        if st.outbox.unacked() > 0
+                            && let Some(id) = outbox::acked_id(&payload)
+                        {
                             st.outbox.ack(&id);
                         }
                     }
@@ -312,7 +319,7 @@ where
             }
             _ = &mut sleep => {
                 let now = Instant::now();
-                timer_at = now; // recompute on the next turn
+                timer_fired = true;
                 if st.retry_at.is_some_and(|t| t <= now) {
                     st.retry_at = None;
                 }

@@ -28,16 +28,9 @@ pub type UpstreamIo = Either<ProxyStream, TcpStream>;
 
 pub type Upstream = Socket<UpstreamIo>;
 
-/// Sizes of the upstream socket.
-#[derive(Clone, Copy, Debug)]
-pub struct Buffers {
-    pub read_buffer: usize,
-    pub max_message: usize,
-}
-
 impl Connector {
     /// Opens the runtime's WebSocket for `target`.
-    pub async fn connect(&self, target: &Target, buffers: Buffers) -> Result<Upstream, Error> {
+    pub async fn connect(&self, target: &Target, limits: wire::Limits) -> Result<Upstream, Error> {
         let (mut io, host, path) = match self {
             Connector::Sprites(client) => {
                 let stream = client
@@ -69,12 +62,6 @@ impl Connector {
         let early = wire::client_handshake(&mut io, &host, &path)
             .await
             .map_err(|e| Error::Upstream(format!("runtime handshake: {e}")))?;
-        Ok(Socket::new(
-            io,
-            Role::Client,
-            early,
-            buffers.read_buffer,
-            buffers.max_message,
-        ))
+        Ok(Socket::new(io, Role::Client, early, limits))
     }
 }

@@ -22,6 +22,8 @@
 
 use std::borrow::Cow;
 use std::io::{self, Cursor};
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -130,6 +132,20 @@ struct Partial {
     payload: BytesMut,
 }
 
+/// Sizes and bounds of one socket.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The read buffer's size when idle; a large message grows it for its
+    /// own duration only.
+    pub read_buffer: usize,
+    /// Largest message read (larger: [`WireError::TooBig`]).
+    pub max_message: usize,
+    /// Longest a write may wait for the peer to read (like nginx's
+    /// `send_timeout`): a peer that stops reading must not hold a session,
+    /// and its task, forever.
+    pub write_timeout: Duration,
+}
+
 /// One WebSocket connection after its handshake. Reading is cancel-safe
 /// (bytes are kept in the socket's buffer until a whole message is there),
 /// so `next` can sit in a `select!`; writes go straight to the socket.
@@ -137,24 +153,20 @@ pub struct Socket<S> {
     io: S,
     role: Role,
     rbuf: BytesMut,
-    /// The read buffer's size when idle; a large message grows it for its
-    /// own duration only.
-    read_buffer: usize,
-    max_message: usize,
+    limits: Limits,
     partial: Option<Partial>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// `already_read`: bytes that came after the handshake, in the same read.
-    pub fn new(io: S, role: Role, already_read: BytesMut, read_buffer: usize, max_message: usize) -> Self {
-        let mut rbuf = BytesMut::with_capacity(read_buffer.max(already_read.len()));
+    pub fn new(io: S, role: Role, already_read: BytesMut, limits: Limits) -> Self {
+        let mut rbuf = BytesMut::with_capacity(limits.read_buffer.max(already_read.len()));
         rbuf.extend_from_slice(&already_read);
         Self {
             io,
             role,
             rbuf,
-            read_buffer,
-            max_message,
+            limits,
             partial: None,
         }
     }
@@ -170,9 +182,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                 if self.rbuf.is_empty() {
                     // A fresh buffer of the idle size, not a reclaimed one
                     // that a large message may have grown.
-                    self.rbuf = BytesMut::with_capacity(self.read_buffer);
+                    self.rbuf = BytesMut::with_capacity(self.limits.read_buffer);
                 } else {
-                    self.rbuf.reserve(self.read_buffer);
+                    self.rbuf.reserve(self.limits.read_buffer);
                 }
             }
             if self.io.read_buf(&mut self.rbuf).await? == 0 {
@@ -204,7 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                 }));
             }
             let so_far = self.partial.as_ref().map_or(0, |p| p.payload.len() as u64);
-            if len.saturating_add(so_far) > self.max_message as u64 {
+            if len.saturating_add(so_far) > self.limits.max_message as u64 {
                 return Err(WireError::TooBig(len.saturating_add(so_far)));
             }
             let total = head_len + len as usize;
@@ -275,10 +287,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
     }
 
-    /// Writes frames that came from the other side, unchanged.
+    /// Writes frames that came from the other side, unchanged. The timer
+    /// is armed only if the socket cannot take them at once: a timer per
+    /// message would cost every message a trip through the timer wheel.
     pub async fn send_wire(&mut self, wire: &[u8]) -> io::Result<()> {
-        self.io.write_all(wire).await?;
-        self.io.flush().await
+        let limit = self.limits.write_timeout;
+        let write = async {
+            self.io.write_all(wire).await?;
+            self.io.flush().await
+        };
+        let mut write = std::pin::pin!(write);
+        match futures::poll!(write.as_mut()) {
+            Poll::Ready(r) => r,
+            Poll::Pending => tokio::time::timeout(limit, write)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?,
+        }
     }
 
     /// Writes a frame of the relay's own, masked if we are the client.
@@ -384,6 +408,14 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
+    fn limits(read_buffer: usize, max_message: usize) -> Limits {
+        Limits {
+            read_buffer,
+            max_message,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+
     /// A tokio-tungstenite peer on one end of a pipe and our socket on the other.
     async fn pair(
         our_role: Role,
@@ -397,7 +429,7 @@ mod tests {
             Role::Client => TRole::Server,
         };
         let peer = WebSocketStream::from_raw_socket(b, peer_role, Some(WebSocketConfig::default())).await;
-        (Socket::new(a, our_role, BytesMut::new(), 64, MAX), peer)
+        (Socket::new(a, our_role, BytesMut::new(), limits(64, MAX)), peer)
     }
 
     #[tokio::test]
@@ -461,10 +493,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_to_a_peer_that_stopped_reading_times_out() {
+        // A pipe of 64 bytes that nobody reads: the first write fills it.
+        let (a, _unread) = tokio::io::duplex(64);
+        let mut ours = Socket::new(
+            a,
+            Role::Server,
+            BytesMut::new(),
+            Limits {
+                write_timeout: Duration::from_millis(100),
+                ..limits(64, MAX)
+            },
+        );
+        ours.send_wire(&[0u8; 64]).await.expect("fits at once, no timer");
+        let started = std::time::Instant::now();
+        let err = ours.send_wire(&[0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
     async fn a_message_over_the_cap_is_refused_before_its_payload_is_read() {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut peer = WebSocketStream::from_raw_socket(b, TRole::Client, None).await;
-        let mut ours = Socket::new(a, Role::Server, BytesMut::new(), 64, 100);
+        let mut ours = Socket::new(a, Role::Server, BytesMut::new(), limits(64, 100));
         tokio::spawn(async move {
             let _ = peer.send(Message::binary(vec![0u8; 1000])).await;
             peer
@@ -476,12 +528,12 @@ mod tests {
     async fn refuses_frames_with_the_wrong_masking_or_reserved_bits() {
         // An unmasked frame to a server.
         let (a, mut b) = tokio::io::duplex(1024);
-        let mut ours = Socket::new(a, Role::Server, BytesMut::new(), 64, MAX);
+        let mut ours = Socket::new(a, Role::Server, BytesMut::new(), limits(64, MAX));
         b.write_all(&[0x81, 0x01, b'x']).await.unwrap();
         assert!(matches!(ours.next().await, Err(WireError::Protocol(_))));
         // RSV1 (a compressed frame) to a client.
         let (a, mut b) = tokio::io::duplex(1024);
-        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), 64, MAX);
+        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), limits(64, MAX));
         b.write_all(&[0xc1, 0x01, b'x']).await.unwrap();
         assert!(matches!(ours.next().await, Err(WireError::Protocol(_))));
     }
@@ -489,7 +541,7 @@ mod tests {
     #[tokio::test]
     async fn reading_byte_by_byte_and_cancelled_reads_lose_nothing() {
         let (a, mut b) = tokio::io::duplex(1024);
-        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), 64, MAX);
+        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), limits(64, MAX));
         let mut wire = Vec::new();
         Frame::message("hello", OpCode::Data(Data::Text), true)
             .format(&mut wire)
@@ -509,11 +561,11 @@ mod tests {
     #[tokio::test]
     async fn a_clean_close_between_messages_is_the_end_and_a_cut_frame_an_error() {
         let (a, b) = tokio::io::duplex(1024);
-        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), 64, MAX);
+        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), limits(64, MAX));
         drop(b);
         assert!(ours.next().await.unwrap().is_none());
         let (a, mut b) = tokio::io::duplex(1024);
-        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), 64, MAX);
+        let mut ours = Socket::new(a, Role::Client, BytesMut::new(), limits(64, MAX));
         b.write_all(&[0x81, 0x05, b'h']).await.unwrap();
         drop(b);
         assert!(matches!(ours.next().await, Err(WireError::Io(_))));
@@ -545,7 +597,7 @@ mod tests {
         });
         let early = client_handshake(&mut a, "localhost:8765", "/").await.unwrap();
         let _server = server.await.unwrap();
-        let mut ours = Socket::new(a, Role::Client, early, 64, MAX);
+        let mut ours = Socket::new(a, Role::Client, early, limits(64, MAX));
         assert_eq!(&*ours.next().await.unwrap().unwrap().payload(), b"first");
 
         // A server that answers with the wrong key.

@@ -96,6 +96,7 @@ async fn start_relay(env: &Env, tune: impl FnOnce(&mut RelayConfig)) -> RelayHan
         jwt,
         connector: Connector::Sprites(env.sprites.clone()),
         kube: Some(env.ns.client.clone()),
+        background: None,
     })
     .await
     .expect("relay starts");
@@ -562,4 +563,78 @@ async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
 
     let ((), code) = tokio::join!(relay.shutdown(), close_code(&mut ws));
     assert_eq!(code, Some(1001), "shutdown closes sessions with 1001");
+}
+
+/// A browser that stops reading while its runtime keeps sending: the relay
+/// stops reading the runtime (backpressure, no buffer grows) and, once a
+/// write to the browser has waited `write_timeout`, ends the session rather
+/// than hold it, its task and its VM connection forever. No cluster here: a
+/// fixed directory and a flooding upstream in-process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
+    let token = "5ee0000011112222333344445555aaaa";
+    let directory = Directory::fixed_from_yaml(&format!(
+        "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: slow, namespace: ns}}\n\
+         spec: {{email: slow@example.com, subject: slow, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
+         apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: slow-primary, namespace: ns}}\n\
+         spec: {{userRef: {{name: slow}}}}\n",
+        gateway_token_sha256(token)
+    ))
+    .unwrap();
+    // The runtime's stand-in: after the first frame, 64 KiB frames forever.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (flood_done_tx, flood_done) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.next().await; // the relay's hello
+        let chunk = Message::binary(vec![7u8; 64 * 1024]);
+        let mut sent = 0usize;
+        while ws.send(chunk.clone()).await.is_ok() {
+            sent += 1;
+        }
+        let _ = flood_done_tx.send(sent);
+    });
+    let handle = relay::start(relay::Parts {
+        config: RelayConfig {
+            listen: "127.0.0.1:0".into(),
+            write_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        directory,
+        jwt: JwtVerifier::none(),
+        connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
+        kube: None,
+        background: None,
+    })
+    .await
+    .unwrap();
+    let mut browser = connect_browser(&handle, token, "").await.unwrap();
+    // A data frame makes the session connect its upstream.
+    send(&mut browser, json!({"type": "ping", "payload": {}})).await;
+    let relay = handle.relay().clone();
+    let active = |want: i64| {
+        let relay = relay.clone();
+        async move {
+            match relay.metrics.sessions_active.get() {
+                n if n == want => Ok(()),
+                n => Err(format!("{n} sessions active")),
+            }
+        }
+    };
+    eventually("the session started", 10, || active(1)).await;
+    // The browser now reads nothing: the flood fills the kernel's buffers,
+    // the relay's write waits, and the timeout ends the session.
+    let sent = tokio::time::timeout(Duration::from_secs(30), flood_done)
+        .await
+        .expect("the relay closed the upstream once the session ended")
+        .unwrap();
+    assert!(
+        sent > 1,
+        "the upstream was relayed from before it stalled ({sent} frames)"
+    );
+    eventually("the stalled session ended", 10, || active(0)).await;
+    drop(browser);
+    handle.shutdown().await;
 }
