@@ -130,12 +130,15 @@ async fn bridge(ws: WsStream, local: DuplexStream) {
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (mut rd, mut wr) = tokio::io::split(local);
     let up = async {
-        let mut buf = vec![0u8; BUFFER];
+        // Capacity, not zeroed bytes: a page of it is resident only once a
+        // read has reached it, so an idle connection does not hold 64 KiB.
+        let mut buf = Vec::with_capacity(BUFFER);
         loop {
-            match rd.read(&mut buf).await {
+            buf.clear();
+            match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if ws_tx.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                Ok(_) => {
+                    if ws_tx.send(Message::binary(buf.clone())).await.is_err() {
                         return;
                     }
                 }
