@@ -140,8 +140,8 @@ where
     // In the background runtime's wheel, not the event loop's (background.rs).
     let sleep = relay.background.sleep_until(now + NEVER);
     tokio::pin!(sleep);
+    // When the sleep is set to fire; NEVER from now: it fired and is unset.
     let mut timer_at = now + NEVER;
-    let mut timer_fired = false;
     let mut shutdown = relay.shutdown.signal();
     info!("session started");
 
@@ -174,9 +174,8 @@ where
                 .min(st.next_lease)
                 .min(st.last_activity + cfg.idle_timeout);
         }
-        if deadline < timer_at || timer_fired {
+        if deadline < timer_at {
             timer_at = deadline;
-            timer_fired = false;
             sleep.as_mut().reset(deadline);
         }
 
@@ -319,7 +318,9 @@ where
             }
             _ = &mut sleep => {
                 let now = Instant::now();
-                timer_fired = true;
+                // Unset: the next turn sets it to the next deadline, which
+                // is always sooner (the browser ping at the latest).
+                timer_at = now + NEVER;
                 if st.retry_at.is_some_and(|t| t <= now) {
                     st.retry_at = None;
                 }
