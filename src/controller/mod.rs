@@ -37,7 +37,8 @@ pub const VM_LIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 ///
 /// Besides Sprites it watches what a Sprite's decisions read: its runtime
 /// ConfigMap (drift), its User (suspension, budget, quota) and its sibling
-/// Sprites (a deleted sibling frees quota).
+/// Sprites (a deleted sibling frees quota). Users watch each other for
+/// shared subjects.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
     fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
     where
@@ -110,22 +111,38 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let users = Controller::new(
         api::<User>(client, &namespace),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(api::<Secret>(client, &namespace), watcher::Config::default())
-    .watches(
-        api::<Sprite>(client, &namespace),
-        watcher::Config::default(),
-        |s| {
-            let ns = s.namespace()?;
-            s.spec
-                .user_ref
-                .as_ref()
-                .map(|r| ObjectRef::<User>::new(&r.name).within(&ns))
-        },
-    )
-    .graceful_shutdown_on(async move { user_shutdown.cancelled().await })
-    .run(user::reconcile, user::error_policy, ctx.clone())
-    .for_each(|_| futures::future::ready(()));
+    );
+    let user_store = users.store();
+    let users = users
+        .owns(api::<Secret>(client, &namespace), watcher::Config::default())
+        .watches(
+            api::<Sprite>(client, &namespace),
+            watcher::Config::default(),
+            |s| {
+                let ns = s.namespace()?;
+                s.spec
+                    .user_ref
+                    .as_ref()
+                    .map(|r| ObjectRef::<User>::new(&r.name).within(&ns))
+            },
+        )
+        // A User's DuplicateSubject condition depends on the other Users of its
+        // namespace: re-check the ones a change can clear or raise.
+        .watches(
+            api::<User>(client, &namespace),
+            watcher::Config::default(),
+            move |changed| {
+                user_store
+                    .state()
+                    .iter()
+                    .filter(|other| user::subject_peer(&changed, other))
+                    .map(|other| ObjectRef::from_obj(other.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(async move { user_shutdown.cancelled().await })
+        .run(user::reconcile, user::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
     futures::join!(sprites, users);
     lister.abort();
 }

@@ -61,6 +61,21 @@ pub fn phase(suspend: bool, over_budget: bool, ready: bool) -> UserPhase {
     }
 }
 
+/// Whether a change to `changed` can alter `other`'s DuplicateSubject
+/// condition: they share a subject now, or `other` is flagged (the flag may
+/// name `changed` under the subject it just left, or was deleted with).
+/// Flagged Users are few, so re-checking all of them is cheap and needs no
+/// memory of old subjects.
+pub fn subject_peer(changed: &User, other: &User) -> bool {
+    other.namespace() == changed.namespace()
+        && other.uid() != changed.uid()
+        && (other.spec.subject == changed.spec.subject
+            || other
+                .status
+                .as_ref()
+                .is_some_and(|s| crate::api::conditions::is_true(&s.conditions, "DuplicateSubject")))
+}
+
 /// When to look again: at the period boundary (usage resets) or the resync.
 pub fn requeue_after(now: Timestamp) -> Duration {
     let to_boundary = Duration::try_from(usage::next_period_start(now).duration_since(now)).unwrap_or(RESYNC);
@@ -318,6 +333,39 @@ mod tests {
             token_sha256(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    fn user(ns: &str, name: &str, subject: &str, flagged: bool) -> User {
+        let mut u = User::new(
+            name,
+            serde_json::from_value(json!({"subject": subject, "email": "u@example.com", "tier": "free"})).unwrap(),
+        );
+        u.metadata.namespace = Some(ns.into());
+        u.metadata.uid = Some(format!("{ns}/{name}"));
+        if flagged {
+            let mut st = UserStatus::default();
+            set_condition(
+                &mut st.conditions,
+                DesiredCondition::new("DuplicateSubject", true, "SubjectShared", "x"),
+                Some(1),
+                Time("2026-11-01T00:00:00Z".parse().unwrap()),
+            );
+            u.status = Some(st);
+        }
+        u
+    }
+
+    #[test]
+    fn a_user_change_rechecks_sharers_and_flagged_users_of_its_namespace() {
+        let moved = user("a", "dora", "dora-own", false);
+        // Shares the new subject.
+        assert!(subject_peer(&moved, &user("a", "x", "dora-own", false)));
+        // Flagged under the subject dora left: must be looked at again.
+        assert!(subject_peer(&moved, &user("a", "dana", "shared", true)));
+        // Unrelated, another namespace, or itself: left alone.
+        assert!(!subject_peer(&moved, &user("a", "eve", "eve", false)));
+        assert!(!subject_peer(&moved, &user("b", "x", "dora-own", true)));
+        assert!(!subject_peer(&moved, &moved.clone()));
     }
 
     #[test]
