@@ -338,7 +338,8 @@ mod tests {
     fn user(ns: &str, name: &str, subject: &str, flagged: bool) -> User {
         let mut u = User::new(
             name,
-            serde_json::from_value(json!({"subject": subject, "email": "u@example.com", "tier": "free"})).unwrap(),
+            serde_json::from_value(json!({"subject": subject, "email": "u@example.com", "tier": "free"}))
+                .unwrap(),
         );
         u.metadata.namespace = Some(ns.into());
         u.metadata.uid = Some(format!("{ns}/{name}"));
