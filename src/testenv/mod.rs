@@ -65,9 +65,9 @@ impl Options {
     }
 }
 
-/// A running control plane. Dropping it stops every component; the
-/// components also die with this process (parent-death signal), so a test
-/// binary that exits without dropping it leaves nothing behind.
+/// A running control plane. Dropping it stops every component and removes
+/// its directory; the components also die with this process (parent-death
+/// signal). One kept in a static is cleaned up by `clean_up_at_exit`.
 pub struct ControlPlane {
     dir: tempfile::TempDir,
     kubeconfig_path: PathBuf,
@@ -81,6 +81,33 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// For a plane kept in a static, which is never dropped: at process
+    /// exit, kill its components and remove its directory (some 120 MB of
+    /// etcd data, certificates and logs), as dropping it would have. The
+    /// parent-death signal alone stops the processes but leaves the files.
+    pub fn clean_up_at_exit(&'static self) {
+        static PLANES: std::sync::Mutex<Vec<&'static ControlPlane>> = std::sync::Mutex::new(Vec::new());
+        extern "C" fn at_exit() {
+            let planes = PLANES.lock().map(|p| p.clone()).unwrap_or_default();
+            for plane in planes {
+                if let Some(cm) = &plane.controller_manager {
+                    cm.kill();
+                }
+                // The apiserver before etcd, as in a drop.
+                plane.apiserver.kill();
+                plane.etcd.kill();
+                let _ = std::fs::remove_dir_all(plane.dir.path());
+            }
+        }
+        let Ok(mut planes) = PLANES.lock() else { return };
+        if planes.is_empty() {
+            // SAFETY: registers a plain function with no arguments; it
+            // runs once, from `exit`, after the test harness has finished.
+            unsafe { libc::atexit(at_exit) };
+        }
+        planes.push(self);
+    }
+
     pub async fn start(opts: Options) -> Result<Self, Error> {
         let t0 = Instant::now();
         let bin = |name: &'static str| -> Result<PathBuf, Error> {

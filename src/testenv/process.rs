@@ -131,6 +131,20 @@ impl ManagedProcess {
     }
 }
 
+impl ManagedProcess {
+    /// SIGKILL to the group, and reap: for process exit, where nothing is
+    /// left to shut down gracefully for.
+    pub fn kill(&self) {
+        let Ok(mut child) = self.child.lock() else { return };
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pgid = nix::unistd::Pid::from_raw(-(child.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+    }
+}
+
 impl Drop for ManagedProcess {
     fn drop(&mut self) {
         self.stop();

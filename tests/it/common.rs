@@ -28,14 +28,14 @@ pub fn unavailable_reason() -> Option<String> {
 
 /// The shared control plane, started on first use. It is started on its own
 /// thread and runtime because each test has a runtime of its own, and lives
-/// until the test binary exits (its processes die with it).
+/// until the test binary exits, which stops it and removes its files.
 pub fn plane() -> Option<&'static ControlPlane> {
     static PLANE: OnceLock<ControlPlane> = OnceLock::new();
     if let Some(why) = unavailable_reason() {
         say(&format!("skipped: {why}"));
         return None;
     }
-    Some(PLANE.get_or_init(|| {
+    let plane = PLANE.get_or_init(|| {
         std::thread::spawn(|| {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async {
@@ -56,7 +56,10 @@ pub fn plane() -> Option<&'static ControlPlane> {
         })
         .join()
         .expect("control plane start-up panicked")
-    }))
+    });
+    static CLEAN_UP: std::sync::Once = std::sync::Once::new();
+    CLEAN_UP.call_once(|| plane.clean_up_at_exit());
+    Some(plane)
 }
 
 /// A test's own namespace, deleted when the test ends.
