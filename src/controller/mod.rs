@@ -50,13 +50,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             None => Api::all(client.clone()),
         }
     }
-    let lister = {
+    // Aborted on drop: when `run` itself is aborted (a crash in the tests,
+    // a lost lease past its grace) the list loop must not outlive it.
+    let _lister = {
         let (ctx, stop) = (ctx.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             ctx.vms
                 .refresh_loop(ctx.sprites.clone(), VM_LIST_INTERVAL, stop)
                 .await
-        })
+        }))
     };
     let client = &ctx.client;
     let controller = Controller::new(
@@ -144,7 +146,6 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         .run(user::reconcile, user::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     futures::join!(sprites, users);
-    lister.abort();
 }
 
 /// Sprites in `ns` (from the controller's own cache) for which `pred` holds.

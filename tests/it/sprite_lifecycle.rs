@@ -133,10 +133,12 @@ async fn a_crash_after_each_bootstrap_step_resumes_at_the_next() {
         return;
     };
     // Slow every call inside the VM, so the test can stop the controller
-    // between two steps: the delay comes before the call takes effect.
+    // between two steps: the delay comes before the call takes effect, so
+    // it is the test's window to see a step done and kill before the next
+    // one acts (1.5 s: a loaded CI machine can stall a poll for 0.5 s).
     put_faults(
         &env,
-        json!({"exec": {"latency_ms": 600}, "fs": {"latency_ms": 600}}),
+        json!({"exec": {"latency_ms": 1500}, "fs": {"latency_ms": 1500}}),
     )
     .await;
     env.kill_controller().await;
@@ -430,8 +432,12 @@ async fn two_replicas_never_both_reconcile() {
             namespace: env.ns.name.clone(),
             name: "sprite-operator-controller".into(),
             identity: identity.into(),
-            duration_secs: 4,
-            grace_secs: 1,
+            // As the chart's defaults scaled down: a lease of 4 s with 1 s
+            // of grace needs every renewal within a second, which a loaded
+            // CI machine misses (the follower then takes over mid-test).
+            // The release on stop keeps the takeover quick.
+            duration_secs: 15,
+            grace_secs: 5,
         };
         let (work_ctx, ns, client) = (ctx.clone(), env.ns.name.clone(), env.ns.client.clone());
         let task = tokio::spawn(run_as_leader(client, settings, shutdown.clone(), move |token| {
@@ -470,7 +476,7 @@ async fn two_replicas_never_both_reconcile() {
         )
         .await
         .unwrap();
-    eventually("the follower to lead and reconcile", 30, || async {
+    eventually("the follower to lead and reconcile", 60, || async {
         if reconciles(&ctx_b) > 0 {
             Ok(())
         } else {

@@ -199,7 +199,13 @@ async fn a_sprite_over_the_tier_quota_waits_without_a_vm() {
         .filter(|c| c["route"] == "POST /v1/sprites")
         .count();
     assert_eq!(creates, 2, "the sim saw a create for the Sprite over quota");
-    assert_eq!(user_status(&env, "sam").await.sprites, 3);
+    eventually("sam's status to count 3 Sprites", 30, || async {
+        match user_status(&env, "sam").await.sprites {
+            3 => Ok(()),
+            n => Err(format!("{n} Sprites")),
+        }
+    })
+    .await;
 
     // Room frees up: the waiting Sprite goes through.
     sprites.delete("one", &DeleteParams::default()).await.unwrap();
@@ -249,7 +255,24 @@ async fn a_spent_budget_stops_heartbeats_until_next_month() {
         .create(&PostParams::default(), &serde_json::from_value(doc).unwrap())
         .await
         .unwrap();
-    env.wait_ready("busy", 180).await;
+    // Bootstrapped, not Ready: Ready lasts only until the second heartbeat
+    // spends the budget (a few seconds), which a slow poll can miss.
+    eventually("busy to be bootstrapped", 180, || async {
+        let st = env
+            .ns
+            .api::<Sprite>()
+            .get("busy")
+            .await
+            .map_err(|e| e.to_string())?
+            .status;
+        let st = st.unwrap_or_default();
+        if is_true(&st.conditions, "Bootstrapped") {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
 
     // Each heartbeat counts 1 s + the 1 s idle tail: two spend the 3 s budget.
     eventually("the User to go OverBudget", 60, || async {
