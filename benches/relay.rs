@@ -21,16 +21,22 @@
 //! throughput of 16 KiB text frames (pipelined, one connection), and the
 //! relay's resident memory per idle relayed session at 1 000 sessions
 //! (VmRSS of the relay process before and after; each session has sent one
-//! message, so its upstream connection is open too).
+//! message, so its upstream connection is open too). Memory is measured a
+//! second time with the upstream through the Sprites.dev proxy WebSocket of
+//! an in-process simulator (`--sprites-api-url`), to an echo server that
+//! this binary runs inside the simulated VM: the path a deployed relay
+//! takes, with the proxy client's WebSocket and bridge task per session.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use sprite_operator::sim;
+use sprite_operator::sprites::{CreateSprite, ExecRequest, SpritesClient};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -56,7 +62,11 @@ const IDLE_SESSIONS: usize = 1000;
 
 /// An echo WebSocket server: every text or binary message comes back.
 async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_on("127.0.0.1:0").await
+}
+
+async fn echo_server_on(listen: &str) -> SocketAddr {
+    let listener = TcpListener::bind(listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -147,7 +157,16 @@ fn tree_rss_kib(pid: u32) -> u64 {
     total
 }
 
-fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
+/// Where the relay sends its sessions.
+enum Upstream<'a> {
+    /// `--dev-fixed-upstream`: straight to the echo server.
+    Fixed(SocketAddr),
+    /// Through the Sprites.dev proxy WebSocket of a simulator, to port 8765
+    /// of the VM `bench-vm`: the production code path.
+    Sprites { api_url: &'a str, token_file: &'a Path },
+}
+
+fn start_relay(dir: &Path, upstream: Upstream) -> (Proc, SocketAddr) {
     let directory = format!(
         "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: bench, namespace: bench}}\n\
          spec: {{email: bench@example.com, subject: bench, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
@@ -157,23 +176,31 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
     );
     let file = dir.join("directory.yaml");
     std::fs::write(&file, directory).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sprite-operator"));
+    // RELAY_BENCH_BIN: another build of the relay, to compare two builds
+    // on the same machine state (the bench itself stays the same).
+    let bin = std::env::var_os("RELAY_BENCH_BIN").unwrap_or(env!("CARGO_BIN_EXE_sprite-operator").into());
+    let mut cmd = Command::new(bin);
     // RELAY_THREADS=n runs the relay with --threads n (default: its own, 1).
     if let Ok(n) = std::env::var("RELAY_THREADS") {
         cmd.args(["--threads", &n]);
     }
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections-per-user",
+        "5000",
+    ])
+    .arg("--dev-static")
+    .arg(&file);
+    match upstream {
+        Upstream::Fixed(echo) => cmd.arg("--dev-fixed-upstream").arg(format!("ws://{echo}/")),
+        Upstream::Sprites { api_url, token_file } => cmd
+            .args(["--sprites-api-url", api_url])
+            .arg("--sprites-token-file")
+            .arg(token_file),
+    };
     let mut child = cmd
-        .args([
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-connections-per-user",
-            "5000",
-        ])
-        .arg("--dev-static")
-        .arg(&file)
-        .arg("--dev-fixed-upstream")
-        .arg(format!("ws://{echo}/"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -190,6 +217,50 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> (Proc, SocketAddr) {
         .parse()
         .unwrap();
     (Proc(child), addr)
+}
+
+/// The VM the Sprites path goes to.
+/// `<namespace>-<name>` of the Sprite in the relay's directory.
+const SIM_VM: &str = "bench-bench-primary";
+const SIM_TOKEN: &str = "relay-bench-sim-token";
+
+/// A Sprites.dev simulator in this process with one VM, `bench-vm`, whose
+/// port 8765 is an echo server (this binary with `--echo-server`, started
+/// by exec as the operator starts the runtime). None, with the reason, where
+/// the simulator cannot run commands (it needs network namespaces).
+async fn sprites_path(dir: &Path) -> Result<(sim::SimHandle, PathBuf), String> {
+    let data = dir.join("sim");
+    std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+    let mut config = sim::SimConfig::new(&data, SIM_TOKEN);
+    // The sessions keep the VM awake with pings; this only guards the gaps
+    // between the phases.
+    config.idle_timeout = Duration::from_secs(600);
+    let handle = sim::start(config).await.map_err(|e| e.to_string())?;
+    let client = SpritesClient::new(&handle.url(), SIM_TOKEN).map_err(|e| e.to_string())?;
+    client
+        .create_sprite(&CreateSprite {
+            name: SIM_VM.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let echo = ExecRequest::new([exe.as_str(), "--echo-server", "127.0.0.1:8765"])
+        .max_run_after_disconnect(Duration::ZERO);
+    client
+        .exec_detached(SIM_VM, &echo)
+        .await
+        .map_err(|e| format!("start the echo server in the VM: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = client.proxy(SIM_VM, "localhost", 8765).await {
+        if Instant::now() > deadline {
+            return Err(format!("the echo server in the VM is not reachable: {e}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token_file = dir.join("sprites-token");
+    std::fs::write(&token_file, SIM_TOKEN).map_err(|e| e.to_string())?;
+    Ok((handle, token_file))
 }
 
 /// The `tokio pipe` child: accepts on `listen`, pipes every connection to
@@ -484,6 +555,18 @@ fn main() {
         run_tcp_pipe(&args[i + 1], &args[i + 2]);
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--echo-server") {
+        // Inside a simulated VM (see `sprites_path`): serve until killed.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            echo_server_on(&args[i + 1]).await;
+            std::future::pending::<()>().await
+        });
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -503,7 +586,7 @@ fn main() {
         {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
             let (pipe_proc, pipe_addr) = start_tcp_pipe(echo);
-            let (relay_proc, relay_addr) = start_relay(tmp.path(), echo);
+            let (relay_proc, relay_addr) = start_relay(tmp.path(), Upstream::Fixed(echo));
             for _ in 0..TRIALS {
                 direct.trial(Mode::Plain, echo, None).await;
                 pipe.trial(Mode::Plain, pipe_addr, Some(pipe_proc.0.id())).await;
@@ -522,8 +605,30 @@ fn main() {
             None => None,
         };
         let relay_mem = {
-            let (p, addr) = start_relay(tmp.path(), echo);
+            let (p, addr) = start_relay(tmp.path(), Upstream::Fixed(echo));
             memory_per_session(Mode::Relay, addr, p.0.id()).await
+        };
+        // The same, with each session's upstream through the Sprites.dev
+        // proxy WebSocket (the simulator's): what a deployed relay holds.
+        let sprites_mem = match sprites_path(tmp.path()).await {
+            Ok((sim, token_file)) => {
+                let api_url = sim.url();
+                let (p, addr) = start_relay(
+                    tmp.path(),
+                    Upstream::Sprites {
+                        api_url: &api_url,
+                        token_file: &token_file,
+                    },
+                );
+                let mem = memory_per_session(Mode::Relay, addr, p.0.id()).await;
+                drop(p);
+                let _ = sim.shutdown().await;
+                Some(mem)
+            }
+            Err(why) => {
+                eprintln!("the Sprites proxy path is skipped: {why}");
+                None
+            }
         };
 
         println!();
@@ -564,6 +669,9 @@ fn main() {
             eprintln!("nginx RSS (master + workers): {} KiB -> {} KiB", m.0, m.1);
         }
         eprintln!("relay RSS: {} KiB -> {} KiB", relay_mem.0, relay_mem.1);
+        if let Some(m) = sprites_mem {
+            eprintln!("relay via the Sprites proxy RSS: {} KiB -> {} KiB", m.0, m.1);
+        }
 
         println!();
         let pf = pipe.medians();
@@ -590,5 +698,12 @@ fn main() {
             relay_mem.2,
             if relay_mem.2 <= 32.0 { "met" } else { "NOT met" }
         );
+        if let Some(m) = sprites_mem {
+            println!(
+                "target: <= 32 KiB per idle session through the Sprites proxy ({:.1} KiB): {}",
+                m.2,
+                if m.2 <= 32.0 { "met" } else { "NOT met" }
+            );
+        }
     });
 }

@@ -7,6 +7,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use http::Method;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
@@ -248,7 +249,16 @@ impl SpritesClient {
     /// Opens a WebSocket, retrying the handshake: a refused or failed handshake proves that the
     /// server started nothing, since commands start only after the upgrade.
     pub(crate) async fn ws_connect(&self, url: Url) -> Result<WsStream, Error> {
-        let attempt = || self.ws_connect_once(&url);
+        self.ws_connect_with(url, None).await
+    }
+
+    /// [`Self::ws_connect`] with tungstenite's buffer and size settings.
+    pub(crate) async fn ws_connect_with(
+        &self,
+        url: Url,
+        config: Option<WebSocketConfig>,
+    ) -> Result<WsStream, Error> {
+        let attempt = || self.ws_connect_once(&url, config);
         let policy = &self.inner.retry;
         attempt
             .retry(policy.backoff())
@@ -265,7 +275,7 @@ impl SpritesClient {
             .await
     }
 
-    async fn ws_connect_once(&self, url: &Url) -> Result<WsStream, Error> {
+    async fn ws_connect_once(&self, url: &Url, config: Option<WebSocketConfig>) -> Result<WsStream, Error> {
         let log_url = url_for_log(url);
         let mut request = url
             .as_str()
@@ -275,7 +285,10 @@ impl SpritesClient {
             .headers_mut()
             .insert(http::header::AUTHORIZATION, self.auth_header()?);
         let limit = self.inner.timeouts.connect;
-        let connected = tokio::time::timeout(limit, tokio_tungstenite::connect_async(request)).await;
+        // No Nagle: exec and proxy traffic is small writes that wait for
+        // an answer, which Nagle's algorithm would hold back for an ACK.
+        let connect = tokio_tungstenite::connect_async_with_config(request, config, true);
+        let connected = tokio::time::timeout(limit, connect).await;
         let Ok(result) = connected else {
             return Err(Error::Timeout {
                 method: "GET",

@@ -5,16 +5,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+use bytes::Bytes;
+use futures::{Sink, SinkExt, Stream, StreamExt, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::client::{SpritesClient, WsStream, to_ws_url};
 use super::error::Error;
 use super::redact::url_for_log;
 
-const BUFFER: usize = 64 * 1024;
+/// The proxy WebSocket's initial read buffer; a larger message grows it.
+const READ_BUFFER: usize = 4 * 1024;
 /// After our side hung up, how long to wait for the server's close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -45,19 +47,54 @@ pub(crate) fn parse_init_reply(data: &[u8]) -> Result<String, String> {
     }
 }
 
-/// A TCP connection to a port inside a sprite. Reading gives the bytes the VM's process sends;
-/// EOF when it (or the proxy) closes. A task bridges it to the WebSocket; dropping the stream
-/// closes the WebSocket.
-#[derive(Debug)]
+/// A TCP connection to a port inside a sprite. Reading gives the bytes the VM's process sends
+/// (EOF when it, or the proxy, closes); each write goes out as one binary message.
+///
+/// The stream is the WebSocket itself, not a task bridging it to an in-memory pipe: an idle
+/// connection then holds no task, pipe or copy buffer (the relay keeps one per browser
+/// session; the bridge made a deployed relay's idle session ~160 KiB, docs/relay.md), and
+/// a message is not copied and handed between tasks on its way.
 pub struct ProxyStream {
-    io: DuplexStream,
+    /// Boxed: the WebSocket is ~1.4 KiB, and the relay's session future
+    /// holds a stream in several of its states. None once dropped.
+    ws: Option<Box<WsStream>>,
+    /// What the last binary message held beyond what the reader took.
+    pending: Bytes,
+    /// The server's Close came, or the connection ended: reads give EOF.
+    eof: bool,
+    /// Our Close went out (shutdown): nothing to do on drop.
+    closed: bool,
     target: String,
+}
+
+impl std::fmt::Debug for ProxyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyStream")
+            .field("target", &self.target)
+            .field("pending", &self.pending.len())
+            .field("eof", &self.eof)
+            .finish()
+    }
 }
 
 impl ProxyStream {
     /// The address the server says it connected to.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    fn ws(&mut self) -> Pin<&mut WsStream> {
+        Pin::new(&mut **self.ws.as_mut().expect("present until drop"))
+    }
+}
+
+fn io_error(e: tungstenite::Error) -> io::Error {
+    match e {
+        tungstenite::Error::Io(e) => e,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            io::Error::from(io::ErrorKind::BrokenPipe)
+        }
+        e => io::Error::other(e),
     }
 }
 
@@ -67,22 +104,101 @@ impl AsyncRead for ProxyStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.ws().poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => this.pending = data,
+                // The server closed (the VM slept, its process exited): EOF,
+                // as a TCP peer's FIN would be.
+                Some(Ok(Message::Close(_))) | None => this.eof = true,
+                // Pings are answered by tungstenite; the proxy sends no text.
+                Some(Ok(_)) => {}
+                Some(Err(tungstenite::Error::ConnectionClosed)) => this.eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+            }
+        }
     }
 }
 
 impl AsyncWrite for ProxyStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.ws().poll_ready(cx)).map_err(io_error)?;
+        self.ws()
+            .start_send(Message::binary(Bytes::copy_from_slice(buf)))
+            .map_err(io_error)?;
+        // Sent at once (no write buffer, see `config`); what the socket did
+        // not take yet goes with the next write or flush.
+        if let Poll::Ready(Err(e)) = self.ws().poll_flush(cx) {
+            return Poll::Ready(Err(io_error(e)));
+        }
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.ws().poll_flush(cx).map_err(io_error)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let r = ready!(self.ws().poll_close(cx));
+        self.closed = true;
+        match r {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(io_error(e))),
+        }
     }
+}
+
+impl Drop for ProxyStream {
+    /// Dropped without a shutdown (the usual end of a relay session): close
+    /// the WebSocket politely, as a socket's drop sends a FIN, in a task so
+    /// that the drop does not wait, and bounded so that a silent server
+    /// does not hold it.
+    fn drop(&mut self) {
+        let Some(ws) = self.ws.take() else { return };
+        if self.closed || self.eof {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut ws = *ws;
+            let close = async {
+                let frame = CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                };
+                if ws.close(Some(frame)).await.is_ok() {
+                    // Until the server's Close: the handshake's end.
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+        });
+    }
+}
+
+/// The proxy WebSocket's settings. tungstenite's defaults suit bulk
+/// transfer: a 128 KiB read buffer per connection and writes held until
+/// 128 KiB are buffered. A relay keeps one such connection per idle browser
+/// session and writes small messages that wait for an answer.
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
 }
 
 impl SpritesClient {
@@ -90,7 +206,7 @@ impl SpritesClient {
     pub async fn proxy(&self, name: &str, host: &str, port: u16) -> Result<ProxyStream, Error> {
         let url = to_ws_url(self.url(&["sprites", name, "proxy"]));
         let log_url = url_for_log(&url);
-        let mut ws = self.ws_connect(url).await?;
+        let mut ws = self.ws_connect_with(url, Some(config())).await?;
         let stream_err = |message: String| Error::Stream {
             url: log_url.clone(),
             message,
@@ -118,56 +234,14 @@ impl SpritesClient {
                 after: limit,
             })??;
         let target = parse_init_reply(&reply).map_err(stream_err)?;
-        let (ours, theirs) = tokio::io::duplex(BUFFER);
-        tokio::spawn(bridge(ws, theirs));
         tracing::debug!(sprite = name, port, "proxy connected");
-        Ok(ProxyStream { io: ours, target })
-    }
-}
-
-/// Moves bytes between the WebSocket and the duplex half until either side ends.
-async fn bridge(ws: WsStream, local: DuplexStream) {
-    let (mut ws_tx, mut ws_rx) = ws.split();
-    let (mut rd, mut wr) = tokio::io::split(local);
-    let up = async {
-        // Capacity, not zeroed bytes: a page of it is resident only once a
-        // read has reached it, so an idle connection does not hold 64 KiB.
-        let mut buf = Vec::with_capacity(BUFFER);
-        loop {
-            buf.clear();
-            match rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if ws_tx.send(Message::binary(buf.clone())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let close = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
-        let _ = ws_tx.send(Message::Close(Some(close))).await;
-    };
-    let down = async {
-        while let Some(Ok(msg)) = ws_rx.next().await {
-            match msg {
-                Message::Binary(b) => {
-                    let Ok(()) = wr.write_all(&b).await else { break };
-                }
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-        let _ = wr.shutdown().await;
-    };
-    tokio::pin!(up, down);
-    tokio::select! {
-        _ = &mut down => {}
-        _ = &mut up => {
-            let _ = tokio::time::timeout(CLOSE_WAIT, down).await;
-        }
+        Ok(ProxyStream {
+            ws: Some(Box::new(ws)),
+            pending: Bytes::new(),
+            eof: false,
+            closed: false,
+            target,
+        })
     }
 }
 
@@ -185,5 +259,89 @@ mod tests {
         );
         assert!(parse_init_reply(br#"{"status":"error","error":"refused"}"#).is_err());
         assert!(parse_init_reply(b"nope").is_err());
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    /// A ProxyStream over a loopback WebSocket, and the server's end.
+    async fn pair() -> (ProxyStream, WebSocketStream<tokio::net::TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        let ws =
+            WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(ours), Role::Client, Some(config())).await;
+        let server = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let stream = ProxyStream {
+            ws: Some(Box::new(ws)),
+            pending: Bytes::new(),
+            eof: false,
+            closed: false,
+            target: "127.0.0.1:8765".into(),
+        };
+        (stream, server)
+    }
+
+    #[tokio::test]
+    async fn reads_messages_as_a_byte_stream_and_writes_one_message_per_write() {
+        let (mut stream, mut server) = pair().await;
+        server.send(Message::binary(&b"hello world"[..])).await.unwrap();
+        server
+            .send(Message::Ping(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+        server.send(Message::binary(&b"!"[..])).await.unwrap();
+        // A reader with less room than a message gets the rest next time.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 5];
+        while got.len() < 12 {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0 && n <= 5);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"hello world!");
+
+        stream.write_all(b"abc").await.unwrap();
+        stream.flush().await.unwrap();
+        // The ping was answered, then the write came as one binary message.
+        let mut seen = Vec::new();
+        while let Some(m) = server.next().await {
+            let m = m.unwrap();
+            let done = m.is_binary();
+            seen.push(m);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                Message::Pong(Bytes::from_static(b"p")),
+                Message::binary(&b"abc"[..])
+            ]
+        );
+
+        // The server's Close is the end of the stream.
+        server.close(None).await.unwrap();
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_closes_the_websocket_with_a_normal_close() {
+        let (stream, mut server) = pair().await;
+        drop(stream);
+        let msg = tokio::time::timeout(Duration::from_secs(5), server.next())
+            .await
+            .expect("a Close within 5 s")
+            .expect("a message")
+            .unwrap();
+        match msg {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Normal),
+            other => panic!("expected a Close, got {other:?}"),
+        }
     }
 }
