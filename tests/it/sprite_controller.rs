@@ -183,6 +183,16 @@ impl Drop for Env {
     }
 }
 
+/// A Sprite's status (the default while it has none).
+pub async fn status_of(ns: &TestNs, name: &str) -> sprite_operator::api::SpriteStatus {
+    ns.api::<Sprite>()
+        .get(name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
 pub async fn apply(ns: &TestNs, doc: &Value) {
     sprite_operator::testenv::apply_doc(&ns.client, &ns.name, doc, "it-test")
         .await

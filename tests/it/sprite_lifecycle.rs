@@ -14,7 +14,7 @@ use sprite_operator::api::sprite::{BootstrapStep, SESSION_ANNOTATION};
 use sprite_operator::runtime::RuntimeBundle;
 
 use crate::common::{TestNs, eventually};
-use crate::sprite_controller::{Env, SIM_TOKEN, sprite_doc};
+use crate::sprite_controller::{Env, SIM_TOKEN, sprite_doc, status_of};
 
 async fn put_faults(env: &Env, faults: Value) {
     let r = reqwest::Client::new()
@@ -98,15 +98,6 @@ async fn create_sprite(ns: &TestNs, name: &str, spec: Value) {
         )
         .await
         .unwrap();
-}
-
-async fn status_of(ns: &TestNs, name: &str) -> sprite_operator::api::SpriteStatus {
-    ns.api::<Sprite>()
-        .get(name)
-        .await
-        .unwrap()
-        .status
-        .unwrap_or_default()
 }
 
 /// How many times each bootstrap step was announced as completed.

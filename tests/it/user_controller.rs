@@ -13,7 +13,7 @@ use sprite_operator::controller::OffsetClock;
 use sprite_operator::controller::user::token_sha256;
 
 use crate::common::eventually;
-use crate::sprite_controller::{Env, sprite_doc, test_config};
+use crate::sprite_controller::{Env, sprite_doc, status_of, test_config};
 
 fn user_doc(name: &str, tier: &str, extra: serde_json::Value) -> User {
     let mut spec =
@@ -258,14 +258,7 @@ async fn a_spent_budget_stops_heartbeats_until_next_month() {
     // Bootstrapped, not Ready: Ready lasts only until the second heartbeat
     // spends the budget (a few seconds), which a slow poll can miss.
     eventually("busy to be bootstrapped", 180, || async {
-        let st = env
-            .ns
-            .api::<Sprite>()
-            .get("busy")
-            .await
-            .map_err(|e| e.to_string())?
-            .status;
-        let st = st.unwrap_or_default();
+        let st = status_of(&env.ns, "busy").await;
         if is_true(&st.conditions, "Bootstrapped") {
             Ok(())
         } else {
