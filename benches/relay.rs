@@ -25,7 +25,7 @@
 //! second time with the upstream through the Sprites.dev proxy WebSocket of
 //! an in-process simulator (`--sprites-api-url`), to an echo server that
 //! this binary runs inside the simulated VM: the path a deployed relay
-//! takes, with the proxy client's WebSocket and bridge task per session.
+//! takes, with the proxy client's WebSocket per session.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -162,7 +162,7 @@ enum Upstream<'a> {
     /// `--dev-fixed-upstream`: straight to the echo server.
     Fixed(SocketAddr),
     /// Through the Sprites.dev proxy WebSocket of a simulator, to port 8765
-    /// of the VM `bench-vm`: the production code path.
+    /// of the VM `SIM_VM`: the production code path.
     Sprites { api_url: &'a str, token_file: &'a Path },
 }
 
@@ -219,15 +219,16 @@ fn start_relay(dir: &Path, upstream: Upstream) -> (Proc, SocketAddr) {
     (Proc(child), addr)
 }
 
-/// The VM the Sprites path goes to.
-/// `<namespace>-<name>` of the Sprite in the relay's directory.
+/// The VM the Sprites path goes to: the default VM name (`<namespace>-<name>`)
+/// of the Sprite in the relay's directory.
 const SIM_VM: &str = "bench-bench-primary";
 const SIM_TOKEN: &str = "relay-bench-sim-token";
 
-/// A Sprites.dev simulator in this process with one VM, `bench-vm`, whose
+/// A Sprites.dev simulator in this process with one VM, `SIM_VM`, whose
 /// port 8765 is an echo server (this binary with `--echo-server`, started
-/// by exec as the operator starts the runtime). None, with the reason, where
-/// the simulator cannot run commands (it needs network namespaces).
+/// by exec as the operator starts the runtime), and the token file for the
+/// relay. Err, with the reason, where the simulator cannot run commands
+/// (it needs network namespaces).
 async fn sprites_path(dir: &Path) -> Result<(sim::SimHandle, PathBuf), String> {
     let data = dir.join("sim");
     std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
