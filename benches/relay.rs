@@ -167,6 +167,13 @@ enum Upstream<'a> {
 }
 
 fn start_relay(dir: &Path, upstream: Upstream) -> (Proc, SocketAddr) {
+    // RELAY_BENCH_BIN: another build of the relay, to compare two builds
+    // on the same machine state (the bench itself stays the same).
+    let bin = std::env::var_os("RELAY_BENCH_BIN").unwrap_or(env!("CARGO_BIN_EXE_sprite-operator").into());
+    start_relay_bin(&bin, dir, upstream)
+}
+
+fn start_relay_bin(bin: &std::ffi::OsStr, dir: &Path, upstream: Upstream) -> (Proc, SocketAddr) {
     let directory = format!(
         "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: bench, namespace: bench}}\n\
          spec: {{email: bench@example.com, subject: bench, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
@@ -176,9 +183,6 @@ fn start_relay(dir: &Path, upstream: Upstream) -> (Proc, SocketAddr) {
     );
     let file = dir.join("directory.yaml");
     std::fs::write(&file, directory).unwrap();
-    // RELAY_BENCH_BIN: another build of the relay, to compare two builds
-    // on the same machine state (the bench itself stays the same).
-    let bin = std::env::var_os("RELAY_BENCH_BIN").unwrap_or(env!("CARGO_BIN_EXE_sprite-operator").into());
     let mut cmd = Command::new(bin);
     // RELAY_THREADS=n runs the relay with --threads n (default: its own, 1).
     if let Ok(n) = std::env::var("RELAY_THREADS") {
@@ -582,12 +586,24 @@ fn main() {
         let nginx_dir = tmp.path().join("nginx");
         std::fs::create_dir_all(&nginx_dir).unwrap();
 
-        let (mut direct, mut pipe, mut nginx, mut relay) =
-            (Figures::default(), Figures::default(), Figures::default(), Figures::default());
+        let (mut direct, mut pipe, mut nginx, mut relay, mut relay_b) = (
+            Figures::default(),
+            Figures::default(),
+            Figures::default(),
+            Figures::default(),
+            Figures::default(),
+        );
+        // RELAY_BENCH_COMPARE=path: a second relay build in the same
+        // interleaved trials (latency and throughput only), for A/B
+        // comparisons finer than the noise between two runs.
+        let compare = std::env::var_os("RELAY_BENCH_COMPARE");
         {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
             let (pipe_proc, pipe_addr) = start_tcp_pipe(echo);
             let (relay_proc, relay_addr) = start_relay(tmp.path(), Upstream::Fixed(echo));
+            let other = compare
+                .as_ref()
+                .map(|bin| start_relay_bin(bin, tmp.path(), Upstream::Fixed(echo)));
             for _ in 0..TRIALS {
                 direct.trial(Mode::Plain, echo, None).await;
                 pipe.trial(Mode::Plain, pipe_addr, Some(pipe_proc.0.id())).await;
@@ -595,6 +611,9 @@ fn main() {
                     nginx.trial(Mode::Plain, *addr, Some(p.0.id())).await;
                 }
                 relay.trial(Mode::Relay, relay_addr, Some(relay_proc.0.id())).await;
+                if let Some((p, addr)) = &other {
+                    relay_b.trial(Mode::Relay, *addr, Some(p.0.id())).await;
+                }
             }
         }
         // Memory on fresh processes, one at a time.
@@ -666,6 +685,10 @@ fn main() {
         }
         let r = relay.medians();
         row("relay", r, Some(relay_mem));
+        if let Some(bin) = &compare {
+            row("relay B", relay_b.medians(), None);
+            eprintln!("relay B: {}", bin.to_string_lossy());
+        }
         if let Some((_, m)) = n {
             eprintln!("nginx RSS (master + workers): {} KiB -> {} KiB", m.0, m.1);
         }
