@@ -220,19 +220,19 @@ where
                     Kind::Text => {
                         st.last_activity = Instant::now();
                         st.wanted = true;
-                        let payload = msg.payload();
-                        let h = outbox::browser_head(&payload);
-                        if h.type_.as_deref() == Some("hello") {
+                        let (hello, id) = msg.with_payload(|p| {
+                            let h = outbox::browser_head(p);
+                            (h.type_.as_deref() == Some("hello"), h.id.map(|c| c.into_owned()))
+                        });
+                        if hello {
                             // The relay names the runtime session (the
                             // `session` query parameter); a browser hello
                             // would be refused by the runtime as not first.
-                            let id = h.id.map(|c| c.into_owned());
                             if answer_hello(&mut browser, &session, id.as_deref()).await.is_err() {
                                 break End::BrowserGone;
                             }
                             continue;
                         }
-                        let id = h.id.map(|c| c.into_owned());
                         if let Err(e) = st.outbox.push_text(msg.wire.clone(), msg.len(), id.as_deref()) {
                             break End::Refused(e);
                         }
@@ -280,18 +280,10 @@ where
                 };
                 match msg.kind {
                     Kind::Text => {
-                        let payload = msg.payload();
                         if std::mem::take(&mut st.swallow_hello)
-                            && outbox::head(&payload).type_.as_deref() == Some("hello")
+                            && outbox::head(&msg.payload()).type_.as_deref() == Some("hello")
                         {
                             continue;
-                        }
-                        // Only a frame written and not yet acked can be
-                        // acked: with none, the reply is not looked into.
-                        if st.outbox.unacked() > 0
-                            && let Some(id) = outbox::acked_id(&payload)
-                        {
-                            st.outbox.ack(&id);
                         }
                     }
                     Kind::Binary => {}
@@ -314,6 +306,15 @@ where
                 frames_down.inc();
                 if browser.send_wire(&msg.wire).await.is_err() {
                     break End::BrowserGone;
+                }
+                // Acks are read after the frame is forwarded: off its path
+                // to the browser. Only a frame written and not yet acked can
+                // be acked: with none, the reply is not looked into.
+                if msg.kind == Kind::Text
+                    && st.outbox.unacked() > 0
+                    && let Some(id) = outbox::acked_id(&msg.payload())
+                {
+                    st.outbox.ack(&id);
                 }
             }
             _ = &mut sleep => {

@@ -21,7 +21,7 @@
 //! loop, message assembly and the client handshake are ours.
 
 use std::borrow::Cow;
-use std::io::{self, Cursor};
+use std::io;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -72,20 +72,29 @@ pub struct Msg {
     payload: Payload,
 }
 
+/// Where a message's payload is. Offsets into `wire` rather than slices of
+/// it: a `Bytes` slice is one more reference count to take and drop per
+/// message.
 #[derive(Clone, Debug)]
 enum Payload {
-    /// Already plain (an unmasked frame: a slice of `wire`; a fragmented
-    /// message: assembled while reading).
-    Plain(Bytes),
+    /// One unmasked frame: its payload starts at this offset of `wire`.
+    Plain(usize),
     /// One masked frame: its payload starts at this offset of `wire`.
     Masked(usize, [u8; 4]),
+    /// A fragmented message, assembled (and unmasked) while reading.
+    Assembled(Bytes),
 }
+
+/// Payloads up to this size are unmasked on the stack by
+/// [`Msg::with_payload`].
+const SMALL_PAYLOAD: usize = 512;
 
 impl Msg {
     /// The payload, unmasked (a copy only if it was masked).
     pub fn payload(&self) -> Cow<'_, [u8]> {
         match &self.payload {
-            Payload::Plain(b) => Cow::Borrowed(b),
+            Payload::Plain(at) => Cow::Borrowed(&self.wire[*at..]),
+            Payload::Assembled(b) => Cow::Borrowed(b),
             Payload::Masked(at, mask) => {
                 let mut p = self.wire[*at..].to_vec();
                 unmask(&mut p, *mask);
@@ -94,11 +103,28 @@ impl Msg {
         }
     }
 
+    /// Calls `f` with the payload, unmasked; a small masked one (a
+    /// browser's typical frame) is unmasked on the stack, which spares an
+    /// allocation and a free on the relay's path of every such message.
+    pub fn with_payload<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match &self.payload {
+            Payload::Masked(at, mask) if self.wire.len() - at <= SMALL_PAYLOAD => {
+                let src = &self.wire[*at..];
+                let mut buf = [0u8; SMALL_PAYLOAD];
+                let p = &mut buf[..src.len()];
+                p.copy_from_slice(src);
+                unmask(p, *mask);
+                f(p)
+            }
+            _ => f(&self.payload()),
+        }
+    }
+
     /// Payload length.
     pub fn len(&self) -> usize {
         match &self.payload {
-            Payload::Plain(b) => b.len(),
-            Payload::Masked(at, _) => self.wire.len() - at,
+            Payload::Plain(at) | Payload::Masked(at, _) => self.wire.len() - at,
+            Payload::Assembled(b) => b.len(),
         }
     }
 
@@ -123,6 +149,40 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
     for (b, m) in chunks.into_remainder().iter_mut().zip(mask) {
         *b ^= m;
     }
+}
+
+/// The frame header at the start of `buf` (RFC 6455 section 5.2), its
+/// payload length and its own length; None until all of it is there.
+/// Reserved opcodes come back as `OpCode::*::Reserved` for the caller to
+/// refuse. Written out rather than tungstenite's `FrameHeader::parse`, which
+/// reads through an `io::Read` cursor with a trace point per field: that
+/// parse was about 200 of the relay's ~4 800 instructions per relayed
+/// message (callgrind, docs/relay.md). The tests check ours against it.
+fn parse_header(buf: &[u8]) -> Option<(FrameHeader, u64, usize)> {
+    let [first, second, ..] = *buf else {
+        return None;
+    };
+    let (len, mut at) = match second & 0x7f {
+        126 => (u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)), 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let mask = if second & 0x80 != 0 {
+        let m: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+        at += 4;
+        Some(m)
+    } else {
+        None
+    };
+    let header = FrameHeader {
+        is_final: first & 0x80 != 0,
+        rsv1: first & 0x40 != 0,
+        rsv2: first & 0x20 != 0,
+        rsv3: first & 0x10 != 0,
+        opcode: OpCode::from(first & 0x0f),
+        mask,
+    };
+    Some((header, len, at))
 }
 
 /// A message being assembled from fragments.
@@ -199,13 +259,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// One message from the buffer, if a whole one is there.
     fn parse(&mut self) -> Result<Option<Msg>, WireError> {
         loop {
-            let mut cur = Cursor::new(&self.rbuf[..]);
-            let Some((header, len)) =
-                FrameHeader::parse(&mut cur).map_err(|_| WireError::Protocol("bad frame header"))?
-            else {
+            let Some((header, len, head_len)) = parse_header(&self.rbuf) else {
                 return Ok(None);
             };
-            let head_len = cur.position() as usize;
             if header.rsv1 || header.rsv2 || header.rsv3 {
                 return Err(WireError::Protocol("reserved bits set"));
             }
@@ -226,13 +282,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             }
             let wire = self.rbuf.split_to(total).freeze();
             let payload = match header.mask {
-                None => Payload::Plain(wire.slice(head_len..)),
+                None => Payload::Plain(head_len),
                 Some(mask) => Payload::Masked(head_len, mask),
-            };
-            let msg = |kind| Msg {
-                kind,
-                wire: wire.clone(),
-                payload: payload.clone(),
             };
             match header.opcode {
                 OpCode::Control(c) => {
@@ -245,7 +296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                         Control::Close => Kind::Close,
                         Control::Reserved(_) => return Err(WireError::Protocol("reserved opcode")),
                     };
-                    return Ok(Some(msg(kind)));
+                    return Ok(Some(Msg { kind, wire, payload }));
                 }
                 OpCode::Data(d) => {
                     let kind = match (d, self.partial.is_some()) {
@@ -261,7 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                         (Data::Reserved(_), _) => return Err(WireError::Protocol("reserved opcode")),
                     };
                     if header.is_final && self.partial.is_none() {
-                        return Ok(Some(msg(kind)));
+                        return Ok(Some(Msg { kind, wire, payload }));
                     }
                     let p = self.partial.get_or_insert_with(|| Partial {
                         kind,
@@ -279,7 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                         return Ok(Some(Msg {
                             kind: p.kind,
                             wire: p.wire.freeze(),
-                            payload: Payload::Plain(p.payload.freeze()),
+                            payload: Payload::Assembled(p.payload.freeze()),
                         }));
                     }
                 }
@@ -441,6 +492,14 @@ mod tests {
         assert_eq!(&*m.payload(), b"{\"type\":\"ping\"}");
         // Masked on the wire: the payload bytes differ from the text.
         assert_ne!(&m.wire[m.wire.len() - m.len()..], &*m.payload());
+        // On the stack when small, on the heap when not: the same bytes.
+        assert_eq!(m.with_payload(<[u8]>::to_vec), b"{\"type\":\"ping\"}");
+        for size in [SMALL_PAYLOAD, SMALL_PAYLOAD + 1] {
+            let text = "y".repeat(size);
+            browser.send(Message::text(text.clone())).await.unwrap();
+            let m = ours.next().await.unwrap().unwrap();
+            assert_eq!(m.with_payload(<[u8]>::to_vec), text.as_bytes());
+        }
     }
 
     #[tokio::test]
@@ -522,6 +581,61 @@ mod tests {
             peer
         });
         assert!(matches!(ours.next().await, Err(WireError::TooBig(1000))));
+    }
+
+    #[test]
+    fn header_parse_agrees_with_tungstenites() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for (len, mask) in [
+            (0usize, None),
+            (5, Some([1, 2, 3, 4])),
+            (125, None),
+            (126, Some([9; 4])),
+            (65_535, None),
+            (65_536, Some([7; 4])),
+        ] {
+            for opcode in [
+                OpCode::Data(Data::Text),
+                OpCode::Data(Data::Binary),
+                OpCode::Data(Data::Continue),
+                OpCode::Control(Control::Ping),
+            ] {
+                for is_final in [true, false] {
+                    let header = FrameHeader {
+                        is_final,
+                        opcode,
+                        mask,
+                        rsv2: !is_final,
+                        ..FrameHeader::default()
+                    };
+                    let mut out = Vec::new();
+                    header.format(len as u64, &mut out).unwrap();
+                    cases.push(out);
+                }
+            }
+        }
+        // Reserved opcodes parse (the caller refuses them).
+        cases.push(vec![0x83, 0x00]);
+        cases.push(vec![0x8b, 0x00]);
+        for case in cases {
+            for cut in 0..=case.len() {
+                let buf = &case[..cut];
+                let theirs = FrameHeader::parse(&mut std::io::Cursor::new(buf)).ok().flatten();
+                let ours = parse_header(buf);
+                match (theirs, ours) {
+                    (None, None) => {}
+                    (Some((h, len)), Some((o, olen, head_len))) => {
+                        assert_eq!(
+                            (format!("{h:?}"), len, cut),
+                            (format!("{o:?}"), olen, head_len),
+                            "{case:?}"
+                        );
+                    }
+                    (None, Some(_)) if matches!(buf[0] & 0x0f, 3..=7 | 11..=15) => {}
+                    (t, o) => panic!("{buf:?}: tungstenite {t:?}, ours {o:?}"),
+                }
+            }
+        }
     }
 
     #[tokio::test]
