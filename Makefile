@@ -82,6 +82,7 @@ bench: ## Run the benchmarks and print their figures (installs nginx, the relay'
 	  { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 	$(CARGO) bench --bench sim_client
 	$(CARGO) bench --bench relay
+	benches/relay-instructions.sh
 	@assets=$$(hack/controlplane/build.sh); eval "$$(hack/python-env.sh)"; \
 	  KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" $(CARGO) bench --bench apply_to_ready
 
