@@ -17,8 +17,9 @@
 //! accepts none from browsers), so frames with RSV bits are refused, and the
 //! wire format of a message is the same on both connections.
 //!
-//! Header parsing and frame formatting are tungstenite's; only the reading
-//! loop, message assembly and the client handshake are ours.
+//! Frame formatting is tungstenite's; the reading loop, the header parse
+//! (`parse_header`, tested against tungstenite's), message assembly and the
+//! client handshake are ours.
 
 use std::borrow::Cow;
 use std::io;
@@ -156,7 +157,7 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
 /// Reserved opcodes come back as `OpCode::*::Reserved` for the caller to
 /// refuse. Written out rather than tungstenite's `FrameHeader::parse`, which
 /// reads through an `io::Read` cursor with a trace point per field: that
-/// parse was about 200 of the relay's ~4 800 instructions per relayed
+/// parse was about 200 of the relay's ~4 600 instructions per relayed
 /// message (callgrind, docs/relay.md). The tests check ours against it.
 fn parse_header(buf: &[u8]) -> Option<(FrameHeader, u64, usize)> {
     let [first, second, ..] = *buf else {
