@@ -38,6 +38,7 @@ mod server;
 pub mod session;
 pub mod shutdown;
 pub mod upstream;
+mod wakeups;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -3,12 +3,15 @@
 //! slept; keepalive while the browser is active; closing the upstream when
 //! it is idle (decision 3: an open connection keeps a VM awake).
 //!
-//! One task per session, one `select!` loop, no channels: the sockets' own
+//! One task per session, one loop over its event sources (polled only when
+//! they woke: `wakeups`), no channels: the sockets' own
 //! bounded buffers and the bounded outbox are the only queues, and a slow
 //! side slows the other down (backpressure) instead of growing memory.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -22,7 +25,8 @@ use super::metrics::{DirectionLabels, OutcomeLabels, ReasonLabels};
 use super::outbox::{self, Outbox};
 use super::routing::Target;
 use super::upstream::Upstream;
-use super::wire::{Kind, Socket, WireError};
+use super::wakeups::Wakeups;
+use super::wire::{Kind, Msg, Socket, WireError};
 
 /// How long to wait for a close handshake to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -41,7 +45,24 @@ enum End {
     Refused(Error),
 }
 
-type Connecting = Pin<Box<dyn std::future::Future<Output = Result<Upstream, Error>> + Send>>;
+/// What woke the session loop.
+enum Event {
+    Shutdown,
+    Connected(Result<Upstream, Error>),
+    Browser(Result<Option<Msg>, WireError>),
+    Upstream(Result<Option<Msg>, WireError>),
+    Timer,
+}
+
+/// The session loop's event sources (`wakeups`), in the order it polls them.
+const SHUTDOWN: usize = 0;
+const CONNECTING: usize = 1;
+const BROWSER: usize = 2;
+const UPSTREAM: usize = 3;
+const TIMER: usize = 4;
+const SOURCES: usize = 5;
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Upstream, Error>> + Send>>;
 
 /// The session's state besides the sockets.
 struct State {
@@ -143,6 +164,7 @@ where
     // When the sleep is set to fire; NEVER from now: it fired and is unset.
     let mut timer_at = now + NEVER;
     let mut shutdown = relay.shutdown.signal();
+    let wake = Wakeups::<SOURCES>::new();
     info!("session started");
 
     let end = loop {
@@ -162,6 +184,7 @@ where
                     .await
                     .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
             }));
+            wake.mark(CONNECTING);
         }
         // The earliest thing a timer must do.
         let mut deadline = st.next_browser_ping;
@@ -177,18 +200,61 @@ where
         if deadline < timer_at {
             timer_at = deadline;
             sleep.as_mut().reset(deadline);
+            wake.mark(TIMER);
         }
 
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break End::Shutdown,
-            r = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+        let event = std::future::poll_fn(|cx| {
+            wake.register(cx);
+            // In this order, as a biased `select!` would: shutdown first,
+            // the timer last.
+            if wake.take(SHUTDOWN)
+                && Pin::new(&mut shutdown)
+                    .poll(&mut wake.context(SHUTDOWN))
+                    .is_ready()
+            {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if let Some(c) = connecting.as_mut()
+                && wake.take(CONNECTING)
+                && let Poll::Ready(r) = c.as_mut().poll(&mut wake.context(CONNECTING))
+            {
+                return Poll::Ready(Event::Connected(r));
+            }
+            if wake.take(BROWSER)
+                && let Poll::Ready(r) = browser.poll_next(&mut wake.context(BROWSER))
+            {
+                // Not registered yet: there may be more in its buffer.
+                wake.mark(BROWSER);
+                return Poll::Ready(Event::Browser(r));
+            }
+            if let Some(ws) = up.as_mut()
+                && wake.take(UPSTREAM)
+                && let Poll::Ready(r) = ws.poll_next(&mut wake.context(UPSTREAM))
+            {
+                wake.mark(UPSTREAM);
+                return Poll::Ready(Event::Upstream(r));
+            }
+            if wake.take(TIMER) && sleep.as_mut().poll(&mut wake.context(TIMER)).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+
+        match event {
+            Event::Shutdown => break End::Shutdown,
+            Event::Connected(r) => {
                 connecting = None;
                 match r {
                     Ok(ws) => {
-                        m.upstream_connects.get_or_create(&OutcomeLabels { outcome: "ok" }).inc();
+                        m.upstream_connects
+                            .get_or_create(&OutcomeLabels { outcome: "ok" })
+                            .inc();
                         match on_connected(&relay, &target, &session, &mut st, ws).await {
-                            Ok(ws) => up = Some(ws),
+                            Ok(ws) => {
+                                up = Some(ws);
+                                wake.mark(UPSTREAM);
+                            }
                             Err(e) => {
                                 debug!(error = %e, "upstream lost right after connecting");
                                 if let Err(e) = schedule_retry(&relay, &mut st) {
@@ -198,7 +264,9 @@ where
                         }
                     }
                     Err(e) => {
-                        m.upstream_connects.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
+                        m.upstream_connects
+                            .get_or_create(&OutcomeLabels { outcome: "error" })
+                            .inc();
                         warn!(vm = %target.vm, error = %e, "cannot reach the runtime");
                         if let Err(e) = schedule_retry(&relay, &mut st) {
                             break End::Refused(e);
@@ -206,7 +274,7 @@ where
                     }
                 }
             }
-            msg = browser.next() => {
+            Event::Browser(msg) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break End::BrowserGone,
@@ -266,11 +334,13 @@ where
                     on_upstream_lost(&relay, &mut st);
                 }
             }
-            msg = async { up.as_mut().expect("guarded").next().await }, if up.is_some() => {
+            Event::Upstream(msg) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Err(WireError::TooBig(_)) => {
-                        break End::Refused(Error::Upstream("the runtime sent a frame over the size cap".into()));
+                        break End::Refused(Error::Upstream(
+                            "the runtime sent a frame over the size cap".into(),
+                        ));
                     }
                     Ok(None) | Err(_) => {
                         up = None;
@@ -317,7 +387,7 @@ where
                     st.outbox.ack(&id);
                 }
             }
-            _ = &mut sleep => {
+            Event::Timer => {
                 let now = Instant::now();
                 // Unset: the next turn sets it to the next deadline, which
                 // is always sooner (the browser ping at the latest).

@@ -23,7 +23,8 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,6 +33,7 @@ use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+use tokio_util::io::poll_read_buf;
 
 /// Which end of the connection the relay is: it decides which frames must
 /// be masked.
@@ -235,9 +237,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// The next message (control frames included, as they arrive); None
     /// when the peer closed the connection between messages.
     pub async fn next(&mut self) -> Result<Option<Msg>, WireError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Socket::next`] as a poll, for the session loop, which polls each
+    /// socket with a waker of its own (`wakeups`). `Ready` does not mean the
+    /// read side registered `cx`: poll again until `Pending` before waiting.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Msg>, WireError>> {
         loop {
             if let Some(m) = self.parse()? {
-                return Ok(Some(m));
+                return Poll::Ready(Ok(Some(m)));
             }
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 if self.rbuf.is_empty() {
@@ -248,11 +257,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                     self.rbuf.reserve(self.limits.read_buffer);
                 }
             }
-            if self.io.read_buf(&mut self.rbuf).await? == 0 {
+            if ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf))? == 0 {
                 if self.rbuf.is_empty() && self.partial.is_none() {
-                    return Ok(None);
+                    return Poll::Ready(Ok(None));
                 }
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()));
             }
         }
     }
