@@ -13,3 +13,4 @@ pub mod sim;
 pub mod sprites;
 pub mod telemetry;
 pub mod testenv;
+pub mod timers;

@@ -209,18 +209,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => block_on(sim(args)),
         Command::Demo(args) => block_on(demo(args)),
         Command::Relay(args) => {
-            // One thread by default: one event loop, as an nginx worker has,
-            // cost ~10 µs less per relayed round trip than a work-stealing
-            // pool on the benchmark (docs/relay.md); more threads for more
-            // cores' worth of traffic, or more replicas.
-            let rt = match args.threads {
-                0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-                n => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(n)
-                    .enable_all()
-                    .build(),
-            };
-            block_on_runtime(rt, relay(*args))
+            block_on_runtime(sprite_operator::relay::event_loop(args.threads), relay(*args))
         }
     }
 }

@@ -1,21 +1,20 @@
 //! A runtime on a thread of its own for the relay's work that is not
-//! relaying: the sessions' timers, the caches' watch of Users and Sprites,
-//! and the session-lease writes.
+//! relaying: every timer of the relay (the sessions' pings, keepalives and
+//! idleness, connect, write and close timeouts, the Sprites client's
+//! retries), the caches' watch of Users and Sprites, and the session-lease
+//! writes.
 //!
-//! Why: a timer registered in a tokio runtime costs every wake-up of that
-//! runtime's event loop (the driver reads the clock again and walks its
-//! wheel before and after each `epoll_wait`), whether or not the timer is
-//! due. Every session holds one (its next ping, at most every few seconds)
-//! and the relay wakes twice per relayed round trip, so on the event loop
-//! that cost is paid per message: the bench's tokio pipe spent about 6 µs
-//! more CPU per 64 B round trip with one idle timer registered than without
-//! (`docs/relay.md`). Here the sessions' timers sit in this runtime's wheel
-//! instead; one firing wakes its session across threads, which happens
-//! once per ping interval, not per message. The kube client's connections
-//! (with their read timeouts) live here for the same reason.
-//!
-//! Short-lived timers (a connect or close timeout, a write that has to
-//! wait) stay on the event loop: they exist only while they matter.
+//! Why: a runtime's time driver costs every wake-up of that runtime (it
+//! reads the clock and walks its wheel around each `epoll_wait`), whether
+//! or not a timer is due. The relay wakes twice per relayed round trip, so
+//! on the event loop that cost is paid per message: about 6 µs more CPU per
+//! 64 B round trip for the bench's tokio pipe with one idle timer
+//! registered, and about 700 user-space instructions per round trip for the
+//! relay with the driver there and no timer in it (`docs/relay.md`). So the
+//! event loop has no time driver (`relay::event_loop`), and timers made
+//! here through [`Background::timers`] are polled from it; one firing wakes
+//! its task across threads. The kube client's connections (with their read
+//! timeouts) live here for the same reason.
 
 use std::future::Future;
 
@@ -23,6 +22,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
+
+use crate::timers::Timers;
 
 pub struct Background {
     handle: Handle,
@@ -62,8 +63,13 @@ impl Background {
 
     /// A sleep in this runtime's timer wheel, to be polled from anywhere.
     pub fn sleep_until(&self, deadline: Instant) -> Sleep {
-        let _in = self.handle.enter();
-        tokio::time::sleep_until(deadline)
+        self.timers().sleep_until(deadline)
+    }
+
+    /// Timers in this runtime's wheel: every timer of the relay's event
+    /// loop, which has no time driver (`crate::timers`).
+    pub fn timers(&self) -> Timers {
+        Timers::on(self.handle.clone())
     }
 }
 

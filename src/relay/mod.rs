@@ -114,12 +114,14 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    /// Both sockets of a session have the same limits.
-    pub(crate) fn socket_limits(&self) -> wire::Limits {
+    /// Both sockets of a session have the same limits; their timers go to
+    /// `timers`.
+    pub(crate) fn socket_limits(&self, timers: crate::timers::Timers) -> wire::Limits {
         wire::Limits {
             read_buffer: self.read_buffer_bytes,
             max_message: self.max_message_bytes,
             write_timeout: self.write_timeout,
+            timers,
         }
     }
 
@@ -178,6 +180,9 @@ pub struct RelayHandle {
     addr: SocketAddr,
     relay: Arc<Relay>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Set by [`start_on_event_loop`]: dropped with the handle, it ends the
+    /// relay's own event loop.
+    _event_loop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl RelayHandle {
@@ -200,7 +205,12 @@ impl RelayHandle {
         self.relay.shutdown.trigger();
         let _ = self.server.await;
         self.relay.sessions.close();
-        if tokio::time::timeout(self.relay.config.drain_timeout, self.relay.sessions.wait())
+        let drain = self.relay.sessions.wait();
+        if self
+            .relay
+            .background
+            .timers()
+            .timeout(self.relay.config.drain_timeout, drain)
             .await
             .is_err()
         {
@@ -217,6 +227,23 @@ impl RelayHandle {
     }
 }
 
+/// The runtime the relay's frames are relayed on, as `sprite-operator relay`
+/// builds it. One thread by default: one event loop, as an nginx worker has,
+/// cost ~10 µs less per relayed round trip than a work-stealing pool on the
+/// benchmark (docs/relay.md); more threads for more cores' worth of traffic,
+/// or more replicas. No time driver: its timers live on the background
+/// runtime ([`crate::timers`]), so run the relay with `Parts::background`
+/// and a Sprites client `with_timers` from it.
+pub fn event_loop(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_io().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_io()
+            .build(),
+    }
+}
+
 /// Binds and serves; returns once listening.
 pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
     parts.config.validate()?;
@@ -226,6 +253,8 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
         Some(b) => b,
         None => background::Background::start()?,
     };
+    // The upstream's timers (connect retries and timeouts) too.
+    let connector = parts.connector.with_timers(background.timers());
     let relay = Arc::new(Relay {
         leases: lease::Leases::new(
             parts.kube.map(|c| (c, background.handle().clone())),
@@ -236,7 +265,7 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
         config: parts.config,
         directory: parts.directory,
         jwt: parts.jwt,
-        connector: parts.connector,
+        connector,
         metrics: metrics::Metrics::default(),
         limits: Arc::new(limits::ConnectionLimits::default()),
         shutdown: shutdown::Shutdown::default(),
@@ -244,5 +273,35 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
     });
     let server = tokio::spawn(server::serve(listener, relay.clone()));
     tracing::info!(%addr, "relay listening");
-    Ok(RelayHandle { addr, relay, server })
+    Ok(RelayHandle {
+        addr,
+        relay,
+        server,
+        _event_loop: None,
+    })
+}
+
+/// [`start`] on an event loop of its own, on a new thread, built as
+/// `sprite-operator relay` builds it ([`event_loop`]): no time driver, so a
+/// timer that would go to the event loop's wheel panics here as it would in
+/// production. For in-process use (the tests). The loop ends with the
+/// handle (dropped, or after [`RelayHandle::shutdown`]).
+pub async fn start_on_event_loop(parts: Parts, threads: usize) -> Result<RelayHandle, Error> {
+    let rt = event_loop(threads)?;
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("relay-event-loop".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let _ = started_tx.send(start(parts).await);
+                // Until the handle drops its sender.
+                let _ = stopped.await;
+            })
+        })?;
+    let mut handle = started
+        .await
+        .map_err(|_| Error::Config("the relay's event loop ended before it started".into()))??;
+    handle._event_loop = Some(stop);
+    Ok(handle)
 }

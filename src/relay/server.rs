@@ -197,7 +197,7 @@ async fn ws(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return (StatusCode::BAD_REQUEST, "connection cannot be upgraded").into_response();
     };
-    let limits = relay.config.socket_limits();
+    let limits = relay.config.socket_limits(relay.background.timers());
     let task_relay = relay.clone();
     let task = async move {
         let upgraded = match on_upgrade.await {

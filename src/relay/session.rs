@@ -90,8 +90,9 @@ pub fn hello(session: &str) -> String {
 
 /// Sends a refusal to a browser that was upgraded only to be told why.
 pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut browser: Socket<S>, err: &Error) {
+    let timers = browser.timers().clone();
     let close = close_and_drain(&mut browser, err.close_code(), err.close_reason());
-    let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+    let _ = timers.timeout(CLOSE_WAIT, close).await;
 }
 
 /// The closing handshake, server side: send our Close, then read until the
@@ -158,8 +159,10 @@ where
     };
     let mut up: Option<Upstream> = None;
     let mut connecting: Option<Connecting> = None;
-    // In the background runtime's wheel, not the event loop's (background.rs).
-    let sleep = relay.background.sleep_until(now + NEVER);
+    // Every timer in the background runtime's wheel: the event loop has
+    // none (crate::timers).
+    let timers = relay.background.timers();
+    let sleep = timers.sleep_until(now + NEVER);
     tokio::pin!(sleep);
     // When the sleep is set to fire; NEVER from now: it fired and is unset.
     let mut timer_at = now + NEVER;
@@ -177,10 +180,11 @@ where
             st.retry_at = None;
             let connector = relay.connector.clone();
             let t = target.clone();
-            let limits = cfg.socket_limits();
+            let limits = cfg.socket_limits(timers.clone());
             let limit = cfg.connect_timeout;
+            let connect = timers.timeout(limit, async move { connector.connect(&t, limits).await });
             connecting = Some(Box::pin(async move {
-                tokio::time::timeout(limit, connector.connect(&t, limits))
+                connect
                     .await
                     .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
             }));
@@ -399,7 +403,9 @@ where
                     if now >= st.last_activity + cfg.idle_timeout {
                         // Let the VM sleep; the next browser frame wakes it.
                         info!(idle_for = ?now.duration_since(st.last_activity), "browser idle: closing the upstream");
-                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(Some(close::NORMAL), "")).await;
+                        let _ = timers
+                            .timeout(CLOSE_WAIT, ws.close(Some(close::NORMAL), ""))
+                            .await;
                         up = None;
                         st.wanted = false;
                         st.next_keepalive = now + NEVER;
@@ -458,7 +464,9 @@ where
             let _ = ws.close(Some(close::NORMAL), "").await;
         }
     };
-    let _ = tokio::time::timeout(CLOSE_WAIT, futures::future::join(browser_close, upstream_close)).await;
+    let _ = timers
+        .timeout(CLOSE_WAIT, futures::future::join(browser_close, upstream_close))
+        .await;
 }
 
 /// A fresh upstream: name the session, resend what was never acked, start

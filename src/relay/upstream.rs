@@ -10,6 +10,7 @@ use super::error::Error;
 use super::routing::Target;
 use super::wire::{self, Role, Socket};
 use crate::sprites::{ProxyStream, SpritesClient};
+use crate::timers::Timers;
 
 /// How the relay reaches runtimes.
 #[derive(Clone, Debug)]
@@ -29,6 +30,14 @@ pub type UpstreamIo = Either<ProxyStream, TcpStream>;
 pub type Upstream = Socket<UpstreamIo>;
 
 impl Connector {
+    /// Its timers in `timers` (the relay's background runtime).
+    pub fn with_timers(self, timers: Timers) -> Self {
+        match self {
+            Connector::Sprites(client) => Connector::Sprites(client.with_timers(timers)),
+            fixed @ Connector::Fixed(_) => fixed,
+        }
+    }
+
     /// Opens the runtime's WebSocket for `target`.
     pub async fn connect(&self, target: &Target, limits: wire::Limits) -> Result<Upstream, Error> {
         let (mut io, host, path) = match self {

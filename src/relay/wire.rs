@@ -35,6 +35,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpC
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_util::io::poll_read_buf;
 
+use crate::timers::Timers;
+
 /// Which end of the connection the relay is: it decides which frames must
 /// be masked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +198,7 @@ struct Partial {
 }
 
 /// Sizes and bounds of one socket.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// The read buffer's size when idle; a large message grows it for its
     /// own duration only.
@@ -207,6 +209,8 @@ pub struct Limits {
     /// `send_timeout`): a peer that stops reading must not hold a session,
     /// and its task, forever.
     pub write_timeout: Duration,
+    /// Where the write timeout's timer goes (`crate::timers`).
+    pub timers: Timers,
 }
 
 /// One WebSocket connection after its handshake. Reading is cancel-safe
@@ -232,6 +236,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             limits,
             partial: None,
         }
+    }
+
+    /// Where this socket's timers go.
+    pub fn timers(&self) -> &Timers {
+        &self.limits.timers
     }
 
     /// The next message (control frames included, as they arrive); None
@@ -360,7 +369,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         let mut write = std::pin::pin!(write);
         match futures::poll!(write.as_mut()) {
             Poll::Ready(r) => r,
-            Poll::Pending => tokio::time::timeout(limit, write)
+            Poll::Pending => self
+                .limits
+                .timers
+                .timeout(limit, write)
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?,
         }
@@ -474,6 +486,7 @@ mod tests {
             read_buffer,
             max_message,
             write_timeout: Duration::from_secs(10),
+            timers: Timers::current(),
         }
     }
 

@@ -14,6 +14,7 @@ use url::Url;
 
 use super::error::{Error, Failure, classify};
 use super::redact::{Token, url_for_log};
+use crate::timers::Timers;
 
 pub(crate) type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -118,6 +119,9 @@ pub(crate) struct Inner {
     pub http: reqwest::Client,
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
+    /// Where the client's own timers go: retry sleeps, connect and reply
+    /// timeouts (`crate::timers`; reqwest's are its own).
+    pub timers: Timers,
 }
 
 impl SpritesClient {
@@ -144,6 +148,7 @@ impl SpritesClient {
             http,
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
+            timers: Timers::current(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -158,6 +163,12 @@ impl SpritesClient {
         self.rebuild(|i| i.timeouts = timeouts)
     }
 
+    /// For a client polled on a runtime without a time driver (the relay's
+    /// event loop): its timers go to `timers` instead.
+    pub fn with_timers(self, timers: Timers) -> Self {
+        self.rebuild(|i| i.timers = timers)
+    }
+
     pub fn base_url(&self) -> &Url {
         &self.inner.base
     }
@@ -169,6 +180,7 @@ impl SpritesClient {
             http: self.inner.http.clone(),
             retry: self.inner.retry.clone(),
             timeouts: self.inner.timeouts.clone(),
+            timers: self.inner.timers.clone(),
         };
         change(&mut inner);
         Self {
@@ -185,8 +197,10 @@ impl SpritesClient {
     pub(crate) async fn call(&self, call: Call) -> Result<Bytes, Error> {
         let attempt = || self.send_once(&call);
         let policy = &self.inner.retry;
+        let timers = self.inner.timers.clone();
         attempt
             .retry(policy.backoff())
+            .sleep(move |d| timers.sleep(d))
             .when(|e| call.idempotency.retry_on(e))
             .adjust(|e, next| next.map(|d| e.retry_after().map_or(d, |ra| ra.min(policy.max_retry_after))))
             .notify(|e, delay| {
@@ -260,8 +274,10 @@ impl SpritesClient {
     ) -> Result<WsStream, Error> {
         let attempt = || self.ws_connect_once(&url, config);
         let policy = &self.inner.retry;
+        let timers = self.inner.timers.clone();
         attempt
             .retry(policy.backoff())
+            .sleep(move |d| timers.sleep(d))
             .when(|e| e.is_transient())
             .adjust(|e, next| next.map(|d| e.retry_after().map_or(d, |ra| ra.min(policy.max_retry_after))))
             .notify(|e, delay| {
@@ -288,7 +304,7 @@ impl SpritesClient {
         // No Nagle: exec and proxy traffic is small writes that wait for
         // an answer, which Nagle's algorithm would hold back for an ACK.
         let connect = tokio_tungstenite::connect_async_with_config(request, config, true);
-        let connected = tokio::time::timeout(limit, connect).await;
+        let connected = self.inner.timers.timeout(limit, connect).await;
         let Ok(result) = connected else {
             return Err(Error::Timeout {
                 method: "GET",

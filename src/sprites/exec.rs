@@ -175,7 +175,7 @@ impl SpritesClient {
         let log_url = url_for_log(&url);
         let ws = self.ws_connect(url).await?;
         let run = collect(ws, req, &log_url);
-        match tokio::time::timeout(req.timeout, run).await {
+        match self.inner.timers.timeout(req.timeout, run).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout {
                 method: "GET",
@@ -215,7 +215,10 @@ impl SpritesClient {
             }
             Err(stream_err("closed before session_info".into()))
         };
-        let id = tokio::time::timeout(SESSION_INFO_WAIT, wait)
+        let id = self
+            .inner
+            .timers
+            .timeout(SESSION_INFO_WAIT, wait)
             .await
             .map_err(|_| Error::Timeout {
                 method: "GET",

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::client::{SpritesClient, WsStream, to_ws_url};
 use super::error::Error;
 use super::redact::url_for_log;
+use crate::timers::Timers;
 
 /// The proxy WebSocket's initial read buffer; a larger message grows it.
 const READ_BUFFER: usize = 4 * 1024;
@@ -65,6 +66,8 @@ pub struct ProxyStream {
     /// Our Close went out (shutdown): nothing to do on drop.
     closed: bool,
     target: String,
+    /// Where the closing handshake's timeout goes when dropped.
+    timers: Timers,
 }
 
 impl std::fmt::Debug for ProxyStream {
@@ -174,6 +177,7 @@ impl Drop for ProxyStream {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let timers = self.timers.clone();
         rt.spawn(async move {
             let mut ws = *ws;
             let close = async {
@@ -186,7 +190,7 @@ impl Drop for ProxyStream {
                     while let Some(Ok(_)) = ws.next().await {}
                 }
             };
-            let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+            let _ = timers.timeout(CLOSE_WAIT, close).await;
         });
     }
 }
@@ -226,7 +230,10 @@ impl SpritesClient {
             Err(stream_err("closed before the proxy answered".into()))
         };
         let limit = self.inner.timeouts.connect;
-        let reply = tokio::time::timeout(limit, reply)
+        let reply = self
+            .inner
+            .timers
+            .timeout(limit, reply)
             .await
             .map_err(|_| Error::Timeout {
                 method: "GET",
@@ -241,6 +248,7 @@ impl SpritesClient {
             eof: false,
             closed: false,
             target,
+            timers: self.inner.timers.clone(),
         })
     }
 }
@@ -281,6 +289,7 @@ mod tests {
             eof: false,
             closed: false,
             target: "127.0.0.1:8765".into(),
+            timers: Timers::current(),
         };
         (stream, server)
     }

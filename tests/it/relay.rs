@@ -1,5 +1,7 @@
 //! The relay end to end: the real apiserver, the Sprite controller, the
-//! simulator and the runtime, with the relay in-process on 127.0.0.1:0.
+//! simulator and the runtime, with the relay in-process on 127.0.0.1:0, on
+//! an event loop of its own built as `sprite-operator relay` builds it (no
+//! time driver: a timer that would land there panics, as in production).
 //!
 //! Each User's gateway token is provisioned by creating its `<user>-gateway`
 //! Secret before the User; the User reconciler adopts it and publishes its
@@ -90,14 +92,17 @@ async fn start_relay(env: &Env, tune: impl FnOnce(&mut RelayConfig)) -> RelayHan
         ..Default::default()
     };
     tune(&mut config);
-    let handle = relay::start(relay::Parts {
-        config,
-        directory: directory.clone(),
-        jwt,
-        connector: Connector::Sprites(env.sprites.clone()),
-        kube: Some(env.ns.client.clone()),
-        background: None,
-    })
+    let handle = relay::start_on_event_loop(
+        relay::Parts {
+            config,
+            directory: directory.clone(),
+            jwt,
+            connector: Connector::Sprites(env.sprites.clone()),
+            kube: Some(env.ns.client.clone()),
+            background: None,
+        },
+        1,
+    )
     .await
     .expect("relay starts");
     eventually("relay caches synced", 30, || async {
@@ -596,18 +601,21 @@ async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
         }
         let _ = flood_done_tx.send(sent);
     });
-    let handle = relay::start(relay::Parts {
-        config: RelayConfig {
-            listen: "127.0.0.1:0".into(),
-            write_timeout: Duration::from_millis(300),
-            ..Default::default()
+    let handle = relay::start_on_event_loop(
+        relay::Parts {
+            config: RelayConfig {
+                listen: "127.0.0.1:0".into(),
+                write_timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
+            directory,
+            jwt: JwtVerifier::none(),
+            connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
+            kube: None,
+            background: None,
         },
-        directory,
-        jwt: JwtVerifier::none(),
-        connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
-        kube: None,
-        background: None,
-    })
+        1,
+    )
     .await
     .unwrap();
     let mut browser = connect_browser(&handle, token, "").await.unwrap();
