@@ -1,11 +1,12 @@
 //! The relay's stop signal, as every session loop watches it.
 //!
-//! A session polls its stop branch on every turn of its loop, about twice
-//! per relayed message. A `CancellationToken`'s future takes two locks per
-//! poll (the token's state, then its `Notify`'s waiter list); here a poll
-//! that finds nothing changed is one atomic load. The token still does the
-//! waking: its future is polled once to register the task, and again only
-//! when the flag is set or the task's waker changed.
+//! A `CancellationToken`'s future takes two locks per poll (the token's
+//! state, then its `Notify`'s waiter list); here a poll that finds nothing
+//! changed is one atomic load. The token still does the waking: its future
+//! is polled once to register the task, and again only when the flag is set
+//! or the task's waker changed. (Written when each session polled its stop
+//! branch on every turn of its loop, about twice per relayed message; the
+//! session loop now polls it only when it woke, `wakeups.rs`.)
 
 use std::future::Future;
 use std::pin::Pin;

@@ -215,7 +215,8 @@ pub struct Limits {
 
 /// One WebSocket connection after its handshake. Reading is cancel-safe
 /// (bytes are kept in the socket's buffer until a whole message is there),
-/// so `next` can sit in a `select!`; writes go straight to the socket.
+/// so `next` can sit in a `select!` and `poll_next` in the session loop;
+/// writes go straight to the socket.
 pub struct Socket<S> {
     io: S,
     role: Role,
