@@ -570,6 +570,99 @@ async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
     assert_eq!(code, Some(1001), "shutdown closes sessions with 1001");
 }
 
+/// One User with `token` and its Sprite, without a cluster.
+fn fixed_directory(user: &str, token: &str) -> Directory {
+    Directory::fixed_from_yaml(&format!(
+        "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: {user}, namespace: ns}}\n\
+         spec: {{email: {user}@example.com, subject: {user}, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
+         apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: {user}-primary, namespace: ns}}\n\
+         spec: {{userRef: {{name: {user}}}}}\n",
+        gateway_token_sha256(token)
+    ))
+    .unwrap()
+}
+
+/// A text frame as it is on the wire, masked as a client sends it or not.
+fn text_frame(text: &str, masked: bool) -> Vec<u8> {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut frame = Frame::message(text.to_string(), OpCode::Data(Data::Text), true);
+    if masked {
+        frame.header_mut().mask = Some([1, 2, 3, 4]);
+    }
+    let mut out = Vec::new();
+    frame.format(&mut out).unwrap();
+    out
+}
+
+/// Frames that arrive in one TCP segment are all relayed, both ways, at
+/// once: the session loop polls a socket again after it gave a message,
+/// since the rest of the segment is already in the relay's buffer and no
+/// wake-up will come for it (`src/relay/wakeups.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_arrive_together_are_all_relayed_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let token = "c0a1e5ce11112222333344445555aaaa";
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    // The runtime's stand-in: reads the relay's hello and two frames, then
+    // answers both in one write.
+    let runtime = tokio::spawn(async move {
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => got.push(t.to_string()),
+                Some(Ok(_)) => {}
+                other => panic!("upstream ended early, after {got:?}: {other:?}"),
+            }
+        }
+        let mut both = text_frame(r#"{"type":"pong","payload":"r1"}"#, false);
+        both.extend(text_frame(r#"{"type":"pong","payload":"r2"}"#, false));
+        ws.get_mut().write_all(&both).await.unwrap();
+        // Open until the relay closes it.
+        while let Some(Ok(_)) = ws.next().await {}
+        got
+    });
+    let handle = relay::start_on_event_loop(
+        relay::Parts {
+            config: RelayConfig {
+                listen: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+            directory: fixed_directory("burst", token),
+            jwt: JwtVerifier::none(),
+            connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
+            kube: None,
+            background: None,
+        },
+        1,
+    )
+    .await
+    .unwrap();
+    let mut browser = connect_browser(&handle, token, "").await.unwrap();
+    let mut both = text_frame(r#"{"type":"ping","id":"b1","payload":1}"#, true);
+    both.extend(text_frame(r#"{"type":"ping","id":"b2","payload":2}"#, true));
+    match browser.get_mut() {
+        MaybeTlsStream::Plain(tcp) => tcp.write_all(&both).await.unwrap(),
+        _ => unreachable!("plain ws://"),
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let v = next_json(&mut browser, 5)
+            .await
+            .unwrap_or_else(|e| panic!("after {replies:?}: {e}"));
+        replies.push(v["payload"].clone());
+    }
+    assert_eq!(replies, vec![json!("r1"), json!("r2")]);
+    browser.close(None).await.unwrap();
+    handle.shutdown().await;
+    let got = runtime.await.unwrap();
+    assert!(got[0].contains("hello"), "the relay's hello first: {got:?}");
+    assert!(got[1].contains("b1") && got[2].contains("b2"), "{got:?}");
+}
+
 /// A browser that stops reading while its runtime keeps sending: the relay
 /// stops reading the runtime (backpressure, no buffer grows) and, once a
 /// write to the browser has waited `write_timeout`, ends the session rather
@@ -578,14 +671,7 @@ async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
     let token = "5ee0000011112222333344445555aaaa";
-    let directory = Directory::fixed_from_yaml(&format!(
-        "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: slow, namespace: ns}}\n\
-         spec: {{email: slow@example.com, subject: slow, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
-         apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: slow-primary, namespace: ns}}\n\
-         spec: {{userRef: {{name: slow}}}}\n",
-        gateway_token_sha256(token)
-    ))
-    .unwrap();
+    let directory = fixed_directory("slow", token);
     // The runtime's stand-in: after the first frame, 64 KiB frames forever.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
