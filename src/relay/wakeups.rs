@@ -152,6 +152,13 @@ mod tests {
         (c.clone(), Waker::from(c))
     }
 
+    /// Wakeups whose sources were all polled once: none due.
+    fn settled<const N: usize>() -> Wakeups<N> {
+        let w = Wakeups::<N>::new();
+        (0..N).for_each(|i| assert!(w.take(i)));
+        w
+    }
+
     #[test]
     fn every_source_starts_due_once() {
         let w = Wakeups::<3>::new();
@@ -161,8 +168,7 @@ mod tests {
 
     #[test]
     fn a_wake_makes_only_its_source_due_and_wakes_the_task() {
-        let w = Wakeups::<3>::new();
-        (0..3).for_each(|i| assert!(w.take(i)));
+        let w = settled::<3>();
         let (count, waker) = task();
         w.register(&Context::from_waker(&waker));
         w.context(1).waker().wake_by_ref();
@@ -182,8 +188,7 @@ mod tests {
 
     #[test]
     fn a_wake_before_the_task_registered_is_kept() {
-        let w = Wakeups::<2>::new();
-        (0..2).for_each(|i| assert!(w.take(i)));
+        let w = settled::<2>();
         w.context(0).waker().wake_by_ref();
         let (count, waker) = task();
         w.register(&Context::from_waker(&waker));
@@ -194,8 +199,7 @@ mod tests {
 
     #[test]
     fn mark_makes_a_source_due_without_waking() {
-        let w = Wakeups::<2>::new();
-        (0..2).for_each(|i| assert!(w.take(i)));
+        let w = settled::<2>();
         let (count, waker) = task();
         w.register(&Context::from_waker(&waker));
         w.mark(1);
@@ -206,8 +210,7 @@ mod tests {
 
     #[test]
     fn wakers_outlive_the_wakeups_and_hold_their_allocation_until_dropped() {
-        let w = Wakeups::<8>::new();
-        (0..8).for_each(|i| assert!(w.take(i)));
+        let w = settled::<8>();
         let shared = Arc::downgrade(&w.shared);
         // Clones as drivers hold them; the last source's index is 7, the
         // largest the pointer's low bits carry.

@@ -582,6 +582,29 @@ fn fixed_directory(user: &str, token: &str) -> Directory {
     .unwrap()
 }
 
+/// The relay without a cluster: `directory` fixed, every session to the
+/// WebSocket at `upstream`, on the production event loop.
+async fn start_fixed_relay(
+    directory: Directory,
+    upstream: std::net::SocketAddr,
+    tune: impl FnOnce(&mut RelayConfig),
+) -> RelayHandle {
+    let mut config = RelayConfig {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    tune(&mut config);
+    let parts = relay::Parts {
+        config,
+        directory,
+        jwt: JwtVerifier::none(),
+        connector: Connector::Fixed(format!("ws://{upstream}/").parse().unwrap()),
+        kube: None,
+        background: None,
+    };
+    relay::start_on_event_loop(parts, 1).await.expect("relay starts")
+}
+
 /// A text frame as it is on the wire, masked as a client sends it or not.
 fn text_frame(text: &str, masked: bool) -> Vec<u8> {
     use tungstenite::protocol::frame::Frame;
@@ -625,22 +648,7 @@ async fn frames_that_arrive_together_are_all_relayed_at_once() {
         while let Some(Ok(_)) = ws.next().await {}
         got
     });
-    let handle = relay::start_on_event_loop(
-        relay::Parts {
-            config: RelayConfig {
-                listen: "127.0.0.1:0".into(),
-                ..Default::default()
-            },
-            directory: fixed_directory("burst", token),
-            jwt: JwtVerifier::none(),
-            connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
-            kube: None,
-            background: None,
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    let handle = start_fixed_relay(fixed_directory("burst", token), upstream_addr, |_| {}).await;
     let mut browser = connect_browser(&handle, token, "").await.unwrap();
     let mut both = text_frame(r#"{"type":"ping","id":"b1","payload":1}"#, true);
     both.extend(text_frame(r#"{"type":"ping","id":"b2","payload":2}"#, true));
@@ -687,23 +695,10 @@ async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
         }
         let _ = flood_done_tx.send(sent);
     });
-    let handle = relay::start_on_event_loop(
-        relay::Parts {
-            config: RelayConfig {
-                listen: "127.0.0.1:0".into(),
-                write_timeout: Duration::from_millis(300),
-                ..Default::default()
-            },
-            directory,
-            jwt: JwtVerifier::none(),
-            connector: Connector::Fixed(format!("ws://{upstream_addr}/").parse().unwrap()),
-            kube: None,
-            background: None,
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    let handle = start_fixed_relay(directory, upstream_addr, |c| {
+        c.write_timeout = Duration::from_millis(300)
+    })
+    .await;
     let mut browser = connect_browser(&handle, token, "").await.unwrap();
     // A data frame makes the session connect its upstream.
     send(&mut browser, json!({"type": "ping", "payload": {}})).await;
