@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # User-space instructions per relayed 64 B round trip, counted by callgrind,
-# for the relay, the tokio pipe and nginx: the same work as the relay bench's
+# for the relay, the tokio pipe, the mio pipe and nginx: the same work as the relay bench's
 # latency phase, as a count that does not move with the machine's load.
 # Latency on a shared 2-core machine moves by several µs between runs; this
 # count moves by a few instructions, so two builds can be compared exactly
@@ -99,6 +99,7 @@ per_round_trip() {
 printf '%-40s %s\n' path "instructions per 64 B round trip (user space)"
 printf '%-40s %s\n' nginx "$(per_round_trip ws://127.0.0.1:18080/ "" "$nginx" -c "$work/nginx.conf")"
 printf '%-40s %s\n' "tokio pipe" "$(per_round_trip ws://127.0.0.1:18080/ "" "$bench" --tcp-pipe 127.0.0.1:18080 127.0.0.1:18765)"
+printf '%-40s %s\n' "mio pipe" "$(per_round_trip ws://127.0.0.1:18080/ "" "$bench" --mio-pipe 127.0.0.1:18080 127.0.0.1:18765)"
 for r in "${relays[@]}"; do
   printf '%-40s %s\n' "relay ${r#"$here/"}" "$(per_round_trip ws://127.0.0.1:18080/ws "$token" "$r" relay \
     --listen 127.0.0.1:18080 --dev-static "$work/directory.yaml" --dev-fixed-upstream ws://127.0.0.1:18765/)"

@@ -11,11 +11,13 @@
 //! child from a config written to a temp dir.
 //!
 //! A fourth path, `tokio pipe`, is this binary re-run as a child with
-//! `--tcp-pipe`: a plain TCP byte pipe on a one-thread tokio runtime
-//! (`copy_bidirectional`), which does not look at frames at all. It is the
-//! floor for any proxy built on tokio, as the relay is: what the relay adds
-//! above it is the cost of being WebSocket-aware; what it adds above
-//! nginx's includes tokio's event loop against nginx's.
+//! `--tcp-pipe`: a plain TCP byte pipe on a one-thread tokio runtime built
+//! as the relay's event loop is (`copy_bidirectional`, no time driver),
+//! which does not look at frames at all. It is the floor for any proxy
+//! built on tokio, as the relay is: what the relay adds above it is the
+//! cost of being WebSocket-aware; what it adds above nginx's includes
+//! tokio's event loop against nginx's. `--mio-pipe` is the same pipe on
+//! mio's `Poll` directly: what an event loop written for the job costs.
 //!
 //! Figures: round-trip latency of 64 B text messages (p50/p99, sequential),
 //! throughput of 16 KiB text frames (pipelined, one connection), and the
@@ -271,10 +273,9 @@ async fn sprites_path(dir: &Path) -> Result<(sim::SimHandle, PathBuf), String> {
 /// The `tokio pipe` child: accepts on `listen`, pipes every connection to
 /// `upstream` byte for byte.
 fn run_tcp_pipe(listen: &str, upstream: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // As the relay's event loop is built (`relay::event_loop`): no time
+    // driver, which would cost every wake-up.
+    let rt = sprite_operator::relay::event_loop(1).unwrap();
     rt.block_on(async {
         let listener = TcpListener::bind(listen).await.unwrap();
         loop {
@@ -292,17 +293,165 @@ fn run_tcp_pipe(listen: &str, upstream: &str) {
     });
 }
 
-fn start_tcp_pipe(echo: SocketAddr) -> (Proc, SocketAddr) {
+/// The `mio pipe` child: the tokio pipe's job written on mio's `Poll`
+/// directly, one thread, no runtime. It is what an event loop written for
+/// this one job costs in Rust, next to nginx's in C: the instruction count
+/// (`benches/relay-instructions.sh`) puts it beside tokio's floor
+/// (docs/relay.md).
+mod mio_pipe {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::SocketAddr;
+
+    use mio::net::{TcpListener, TcpStream};
+    use mio::{Events, Interest, Poll, Token};
+
+    const LISTENER: Token = Token(usize::MAX);
+
+    /// One socket of a piped pair.
+    struct Side {
+        sock: TcpStream,
+        /// Index of the other socket.
+        peer: usize,
+        /// Read from the peer, not yet taken by this socket: while any is
+        /// left, the peer is not read (backpressure).
+        pending: Vec<u8>,
+    }
+
+    pub fn run(listen: &str, upstream: &str) {
+        let upstream: SocketAddr = upstream.parse().unwrap();
+        let mut poll = Poll::new().unwrap();
+        let mut listener = TcpListener::bind(listen.parse().unwrap()).unwrap();
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .unwrap();
+        let mut sides: Vec<Option<Side>> = Vec::new();
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Err(e) = poll.poll(&mut events, None) {
+                assert_eq!(e.kind(), ErrorKind::Interrupted, "poll: {e}");
+                continue;
+            }
+            for ev in events.iter() {
+                if ev.token() == LISTENER {
+                    while let Ok((a, _)) = listener.accept() {
+                        // A blocking connect on loopback: instant, and the
+                        // pipe then starts with both ends connected.
+                        let Ok(b) = std::net::TcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        b.set_nonblocking(true).unwrap();
+                        let b = TcpStream::from_std(b);
+                        let i = free_pair(&mut sides);
+                        let j = i + 1;
+                        for (k, sock, peer) in [(i, a, j), (j, b, i)] {
+                            let _ = sock.set_nodelay(true);
+                            let mut side = Side {
+                                sock,
+                                peer,
+                                pending: Vec::new(),
+                            };
+                            poll.registry()
+                                .register(&mut side.sock, Token(k), Interest::READABLE | Interest::WRITABLE)
+                                .unwrap();
+                            sides[k] = Some(side);
+                        }
+                    }
+                    continue;
+                }
+                let i = ev.token().0;
+                if ev.is_writable() && flush(&mut sides, i) {
+                    // Room again: what the peer holds can come through.
+                    let peer = sides[i].as_ref().map(|s| s.peer);
+                    if let Some(p) = peer {
+                        pump(&mut sides, p, &mut buf, &poll);
+                    }
+                }
+                if ev.is_readable() {
+                    pump(&mut sides, i, &mut buf, &poll);
+                }
+            }
+        }
+    }
+
+    /// The first index of a free pair of slots: a pair's sockets sit at
+    /// 2k and 2k + 1 and are freed together.
+    fn free_pair(sides: &mut Vec<Option<Side>>) -> usize {
+        match sides.chunks(2).position(|c| c.iter().all(Option::is_none)) {
+            Some(k) => 2 * k,
+            None => {
+                sides.resize_with(sides.len() + 2, || None);
+                sides.len() - 2
+            }
+        }
+    }
+
+    /// Writes what `i` has pending; true if nothing is left.
+    fn flush(sides: &mut [Option<Side>], i: usize) -> bool {
+        let Some(side) = sides[i].as_mut() else {
+            return false;
+        };
+        while !side.pending.is_empty() {
+            match side.sock.write(&side.pending) {
+                Ok(n) => {
+                    side.pending.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Reads `i` until it would block (edge-triggered) and writes each read
+    /// to its peer; stops while the peer has bytes pending.
+    fn pump(sides: &mut [Option<Side>], i: usize, buf: &mut [u8], poll: &Poll) {
+        loop {
+            let Some(peer) = sides[i].as_ref().map(|s| s.peer) else {
+                return;
+            };
+            if sides[peer].as_ref().is_none_or(|p| !p.pending.is_empty()) {
+                return;
+            }
+            let n = match sides[i].as_mut().expect("present").sock.read(buf) {
+                Ok(0) => return close(sides, i, poll),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return close(sides, i, poll),
+            };
+            let p = sides[peer].as_mut().expect("present");
+            match p.sock.write(&buf[..n]) {
+                Ok(w) => p.pending.extend_from_slice(&buf[w..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => p.pending.extend_from_slice(&buf[..n]),
+                Err(_) => return close(sides, i, poll),
+            }
+        }
+    }
+
+    fn close(sides: &mut [Option<Side>], i: usize, poll: &Poll) {
+        let Some(mut side) = sides[i].take() else {
+            return;
+        };
+        let _ = poll.registry().deregister(&mut side.sock);
+        if let Some(mut peer) = sides[side.peer].take() {
+            let _ = poll.registry().deregister(&mut peer.sock);
+        }
+    }
+}
+
+/// A pipe child: `--tcp-pipe` (tokio) or `--mio-pipe`.
+fn start_pipe(kind: &str, echo: SocketAddr) -> (Proc, SocketAddr) {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--tcp-pipe", &addr.to_string(), &echo.to_string()])
+        .args([kind, &addr.to_string(), &echo.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("run the tcp pipe");
+        .expect("run the pipe");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "the tcp pipe did not start");
+        assert!(Instant::now() < deadline, "the pipe did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     (Proc(child), addr)
@@ -560,6 +709,10 @@ fn main() {
         run_tcp_pipe(&args[i + 1], &args[i + 2]);
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--mio-pipe") {
+        mio_pipe::run(&args[i + 1], &args[i + 2]);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--echo-server") {
         // Inside a simulated VM (see `sprites_path`): serve until killed.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -586,7 +739,8 @@ fn main() {
         let nginx_dir = tmp.path().join("nginx");
         std::fs::create_dir_all(&nginx_dir).unwrap();
 
-        let (mut direct, mut pipe, mut nginx, mut relay, mut relay_b) = (
+        let (mut direct, mut pipe, mut mio, mut nginx, mut relay, mut relay_b) = (
+            Figures::default(),
             Figures::default(),
             Figures::default(),
             Figures::default(),
@@ -599,7 +753,8 @@ fn main() {
         let compare = std::env::var_os("RELAY_BENCH_COMPARE");
         {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
-            let (pipe_proc, pipe_addr) = start_tcp_pipe(echo);
+            let (pipe_proc, pipe_addr) = start_pipe("--tcp-pipe", echo);
+            let (mio_proc, mio_addr) = start_pipe("--mio-pipe", echo);
             let (relay_proc, relay_addr) = start_relay(tmp.path(), Upstream::Fixed(echo));
             let other = compare
                 .as_ref()
@@ -607,6 +762,7 @@ fn main() {
             for _ in 0..TRIALS {
                 direct.trial(Mode::Plain, echo, None).await;
                 pipe.trial(Mode::Plain, pipe_addr, Some(pipe_proc.0.id())).await;
+                mio.trial(Mode::Plain, mio_addr, Some(mio_proc.0.id())).await;
                 if let Some((p, addr)) = &ng {
                     nginx.trial(Mode::Plain, *addr, Some(p.0.id())).await;
                 }
@@ -679,6 +835,7 @@ fn main() {
             );
         };
         row("tokio pipe", pipe.medians(), None);
+        row("mio pipe", mio.medians(), None);
         let n = nginx_mem.map(|m| (nginx.medians(), m));
         if let Some((f, m)) = n {
             row("nginx", f, Some(m));
