@@ -231,9 +231,9 @@ impl RelayHandle {
 /// builds it. One thread by default: one event loop, as an nginx worker has,
 /// cost ~10 µs less per relayed round trip than a work-stealing pool on the
 /// benchmark (docs/relay.md); more threads for more cores' worth of traffic,
-/// or more replicas. No time driver: its timers live on the background
-/// runtime ([`crate::timers`]), so run the relay with `Parts::background`
-/// and a Sprites client `with_timers` from it.
+/// or more replicas. No time driver: the relay's timers live on its
+/// background runtime ([`crate::timers`]), which [`start`] hands to the
+/// sockets, the sessions and the Sprites connector.
 pub fn event_loop(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
         0 | 1 => tokio::runtime::Builder::new_current_thread().enable_io().build(),
