@@ -21,7 +21,6 @@ use std::future::Future;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Sleep};
 
 use crate::timers::Timers;
 
@@ -61,11 +60,6 @@ impl Background {
         self.handle.spawn(f)
     }
 
-    /// A sleep in this runtime's timer wheel, to be polled from anywhere.
-    pub fn sleep_until(&self, deadline: Instant) -> Sleep {
-        self.timers().sleep_until(deadline)
-    }
-
     /// Timers in this runtime's wheel: every timer of the relay's event
     /// loop, which has no time driver (`crate::timers`).
     pub fn timers(&self) -> Timers {
@@ -77,6 +71,7 @@ impl Background {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::time::Instant;
 
     #[test]
     fn its_sleeps_fire_for_another_runtime_and_its_tasks_run() {
@@ -88,10 +83,14 @@ mod tests {
             .unwrap();
         let started = std::time::Instant::now();
         rt.block_on(async {
-            let sleep = bg.sleep_until(Instant::now() + Duration::from_millis(50));
+            let sleep = bg
+                .timers()
+                .sleep_until(Instant::now() + Duration::from_millis(50));
             sleep.await;
             // Reset after firing, as the session does for its next deadline.
-            let sleep = bg.sleep_until(Instant::now() + Duration::from_secs(3600));
+            let sleep = bg
+                .timers()
+                .sleep_until(Instant::now() + Duration::from_secs(3600));
             tokio::pin!(sleep);
             sleep.as_mut().reset(Instant::now() + Duration::from_millis(20));
             sleep.await;
