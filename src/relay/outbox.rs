@@ -210,6 +210,21 @@ impl Outbox {
         self.push(wire, len, id)
     }
 
+    /// Whether an untracked text message may be written without being
+    /// queued: when nothing is waiting to be written before it, the outbox
+    /// would hold it only for the length of the write, then forget it. If
+    /// so, it ends the open tracked message as [`Self::push_text`] would (a
+    /// binary frame after it is not part of that message). A frame that
+    /// passes and then cannot be written is queued with `push_text`, to go
+    /// out on the next connection as a queued one would.
+    pub fn pass_through(&mut self) -> bool {
+        if self.sent < self.items.len() {
+            return false;
+        }
+        self.open_id = None;
+        true
+    }
+
     /// Queues a binary message, joining the tracked text message before it.
     pub fn push_binary(&mut self, wire: Bytes, len: usize) -> Result<(), Error> {
         let id = self.open_id.clone();
@@ -457,6 +472,33 @@ mod tests {
         o.ack("5");
         o.push_binary(binary(1), 1).unwrap();
         flush(&mut o);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn an_untracked_frame_passes_only_when_nothing_waits_before_it() {
+        let mut o = Outbox::new(Limits::default());
+        assert!(o.pass_through(), "empty");
+        push(&mut o, &env("1"));
+        assert!(!o.pass_through(), "it would overtake frame 1");
+        flush(&mut o);
+        assert!(o.pass_through(), "frame 1 written: only its ack is awaited");
+        assert_eq!(o.rewind(), 1);
+        assert!(!o.pass_through(), "frame 1 is to be resent first");
+        flush(&mut o);
+
+        // Passing ends the open upload: the binary frame after it is not
+        // part of message 2.
+        push(
+            &mut o,
+            r#"{"type":"file_upload","payload":{"filename":"a","size":1},"id":"2"}"#,
+        );
+        flush(&mut o);
+        assert!(o.pass_through());
+        o.push_binary(binary(1), 1).unwrap();
+        flush(&mut o);
+        assert_eq!(o.ack("2"), 1, "only the header was tracked");
+        assert_eq!(o.ack("1"), 1);
         assert!(o.is_empty());
     }
 

@@ -305,6 +305,25 @@ where
                             }
                             continue;
                         }
+                        // Most frames carry no id: with nothing queued before
+                        // one, it is written without a trip through the outbox.
+                        if id.is_none()
+                            && let Some(ws) = up.as_mut()
+                            && st.outbox.pass_through()
+                        {
+                            frames_up.inc();
+                            if ws.send_wire(&msg.wire).await.is_err() {
+                                up = None;
+                                on_upstream_lost(&relay, &mut st);
+                                // Not written: held for the next connection,
+                                // as it would have been if queued.
+                                let len = msg.len();
+                                if let Err(e) = st.outbox.push_text(msg.wire, len, None) {
+                                    break End::Refused(e);
+                                }
+                            }
+                            continue;
+                        }
                         if let Err(e) = st.outbox.push_text(msg.wire.clone(), msg.len(), id.as_deref()) {
                             break End::Refused(e);
                         }
