@@ -48,7 +48,9 @@ enum End {
 /// What woke the session loop.
 enum Event {
     Shutdown,
-    Connected(Result<Upstream, Error>),
+    /// Boxed: an `Upstream` is 248 bytes, and every event, a relayed
+    /// message most of the time, was moved at the size of the largest.
+    Connected(Result<Box<Upstream>, Error>),
     Browser(Result<Option<Msg>, WireError>),
     Upstream(Result<Option<Msg>, WireError>),
     Timer,
@@ -222,7 +224,7 @@ where
                 && wake.take(CONNECTING)
                 && let Poll::Ready(r) = c.as_mut().poll(&mut wake.context(CONNECTING))
             {
-                return Poll::Ready(Event::Connected(r));
+                return Poll::Ready(Event::Connected(r.map(Box::new)));
             }
             if wake.take(BROWSER)
                 && let Poll::Ready(r) = browser.poll_next(&mut wake.context(BROWSER))
@@ -254,7 +256,7 @@ where
                         m.upstream_connects
                             .get_or_create(&OutcomeLabels { outcome: "ok" })
                             .inc();
-                        match on_connected(&relay, &target, &session, &mut st, ws).await {
+                        match on_connected(&relay, &target, &session, &mut st, *ws).await {
                             Ok(ws) => {
                                 up = Some(ws);
                                 wake.mark(UPSTREAM);

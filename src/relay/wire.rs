@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -363,21 +363,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// is armed only if the socket cannot take them at once: a timer per
     /// message would cost every message a trip through the timer wheel.
     pub async fn send_wire(&mut self, wire: &[u8]) -> io::Result<()> {
-        let limit = self.limits.write_timeout;
+        // First one write and one flush, polled here with a waker that does
+        // nothing: a socket with room takes the frame whole, and that is
+        // the path of every relayed message, which the `write_all` future
+        // made longer (callgrind). If it cannot, the future below polls
+        // again with the task's waker.
+        let written = {
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut io = Pin::new(&mut self.io);
+            let written = match io.as_mut().poll_write(&mut cx, wire) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => 0,
+            };
+            if written == wire.len()
+                && let Poll::Ready(r) = io.poll_flush(&mut cx)
+            {
+                return r;
+            }
+            written
+        };
+        let rest = &wire[written..];
         let write = async {
-            self.io.write_all(wire).await?;
+            self.io.write_all(rest).await?;
             self.io.flush().await
         };
-        let mut write = std::pin::pin!(write);
-        match futures::poll!(write.as_mut()) {
-            Poll::Ready(r) => r,
-            Poll::Pending => self
-                .limits
-                .timers
-                .timeout(limit, write)
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?,
-        }
+        self.limits
+            .timers
+            .timeout(self.limits.write_timeout, write)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?
     }
 
     /// Writes a frame of the relay's own, masked if we are the client.
