@@ -47,7 +47,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const TOKEN: &str = "be0c4000111122223333444455556666";
-const LATENCY_ROUNDS: usize = 3000;
 const WARMUP_ROUNDS: usize = 500;
 const FRAME: usize = 16 * 1024;
 const THROUGHPUT_FRAMES: usize = 4096;
@@ -573,29 +572,67 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// What one path's latency turns measured.
+struct LatencyPath {
+    /// The proxy's process, for its CPU time; None: direct.
+    pid: Option<u32>,
+    times: Vec<Duration>,
+    cpu_ns: u64,
+}
+
 /// p50 and p99 of the round trip, and the proxy's CPU time per round trip
-/// (user and system, all its threads and processes; `pid` None: direct).
-async fn latency(mode: Mode, addr: SocketAddr, pid: Option<u32>) -> (Duration, Duration, Duration) {
-    let mut ws = connect(mode, addr).await;
+/// (user and system, all its threads and processes), for every path,
+/// measured in turns: each path makes TURN round trips in a row on its own
+/// connection, then the next path has its turn, until each has made
+/// TURNS x TURN. Turns a few milliseconds long pair the paths in time: load
+/// that comes and goes on a shared machine falls on all of them alike,
+/// where whole trials in turn, seconds apart, let a burst land on one path
+/// and not another. The order rotates each round, so that no path always
+/// follows the same one (whose work would have left the caches in a given
+/// state).
+async fn latencies(targets: &[(Mode, SocketAddr, Option<u32>)]) -> Vec<(Duration, Duration, Duration)> {
     let msg = small_message();
-    for _ in 0..WARMUP_ROUNDS {
-        round_trip(&mut ws, &msg).await;
+    let mut paths = Vec::new();
+    let mut sockets = Vec::new();
+    for &(mode, addr, pid) in targets {
+        let mut ws = connect(mode, addr).await;
+        for _ in 0..WARMUP_ROUNDS {
+            round_trip(&mut ws, &msg).await;
+        }
+        sockets.push(ws);
+        paths.push(LatencyPath {
+            pid,
+            times: Vec::with_capacity(TURNS * TURN),
+            cpu_ns: 0,
+        });
     }
-    let mut times = Vec::with_capacity(LATENCY_ROUNDS);
-    let cpu_before = pid.map_or(0, tree_cpu_ns);
-    for _ in 0..LATENCY_ROUNDS {
-        let t = Instant::now();
-        round_trip(&mut ws, &msg).await;
-        times.push(t.elapsed());
+    for round in 0..TURNS {
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            let (p, ws) = (&mut paths[i], &mut sockets[i]);
+            let cpu_before = p.pid.map_or(0, tree_cpu_ns);
+            for _ in 0..TURN {
+                let t = Instant::now();
+                round_trip(ws, &msg).await;
+                p.times.push(t.elapsed());
+            }
+            p.cpu_ns += p.pid.map_or(0, tree_cpu_ns).saturating_sub(cpu_before);
+        }
     }
-    let cpu = pid.map_or(0, tree_cpu_ns).saturating_sub(cpu_before);
-    let _ = ws.close(None).await;
-    times.sort();
-    (
-        percentile(&times, 0.50),
-        percentile(&times, 0.99),
-        Duration::from_nanos(cpu / LATENCY_ROUNDS as u64),
-    )
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
+    paths
+        .into_iter()
+        .map(|mut p| {
+            p.times.sort();
+            (
+                percentile(&p.times, 0.50),
+                percentile(&p.times, 0.99),
+                Duration::from_nanos(p.cpu_ns / p.times.len() as u64),
+            )
+        })
+        .collect()
 }
 
 /// MB/s of payload echoed back, at most WINDOW frames in flight.
@@ -657,41 +694,17 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Trials run in turns (direct, nginx, relay, direct, ...) so that load
-/// from other processes on a shared machine hits every path alike; each
-/// figure is the median over trials.
+/// Throughput trials, run in turns (direct, pipes, nginx, relay, direct,
+/// ...) for the same reason as the latency turns; each path's figure is the
+/// median over its trials.
 const TRIALS: usize = 9;
+/// Latency: rounds of turns, and round trips per turn (`latencies`).
+const TURNS: usize = 270;
+const TURN: usize = 100;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-#[derive(Default)]
-struct Figures {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    cpu: Vec<f64>,
-    mbps: Vec<f64>,
-}
-
-impl Figures {
-    async fn trial(&mut self, mode: Mode, addr: SocketAddr, pid: Option<u32>) {
-        let (p50, p99, cpu) = latency(mode, addr, pid).await;
-        self.p50.push(us(p50));
-        self.p99.push(us(p99));
-        self.cpu.push(us(cpu));
-        self.mbps.push(throughput(mode, addr).await);
-    }
-
-    fn medians(&self) -> Medians {
-        Medians {
-            p50: median(self.p50.clone()),
-            p99: median(self.p99.clone()),
-            cpu: median(self.cpu.clone()),
-            mbps: median(self.mbps.clone()),
-        }
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -739,19 +752,11 @@ fn main() {
         let nginx_dir = tmp.path().join("nginx");
         std::fs::create_dir_all(&nginx_dir).unwrap();
 
-        let (mut direct, mut pipe, mut mio, mut nginx, mut relay, mut relay_b) = (
-            Figures::default(),
-            Figures::default(),
-            Figures::default(),
-            Figures::default(),
-            Figures::default(),
-            Figures::default(),
-        );
         // RELAY_BENCH_COMPARE=path: a second relay build in the same
-        // interleaved trials (latency and throughput only), for A/B
+        // turns and trials (latency and throughput only), for A/B
         // comparisons finer than the noise between two runs.
         let compare = std::env::var_os("RELAY_BENCH_COMPARE");
-        {
+        let figures: Vec<(&str, Medians)> = {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
             let (pipe_proc, pipe_addr) = start_pipe("--tcp-pipe", echo);
             let (mio_proc, mio_addr) = start_pipe("--mio-pipe", echo);
@@ -759,19 +764,44 @@ fn main() {
             let other = compare
                 .as_ref()
                 .map(|bin| start_relay_bin(bin, tmp.path(), Upstream::Fixed(echo)));
+            let mut paths = vec![
+                ("direct", Mode::Plain, echo, None),
+                ("tokio pipe", Mode::Plain, pipe_addr, Some(pipe_proc.0.id())),
+                ("mio pipe", Mode::Plain, mio_addr, Some(mio_proc.0.id())),
+            ];
+            if let Some((p, addr)) = &ng {
+                paths.push(("nginx", Mode::Plain, *addr, Some(p.0.id())));
+            }
+            paths.push(("relay", Mode::Relay, relay_addr, Some(relay_proc.0.id())));
+            if let Some((p, addr)) = &other {
+                paths.push(("relay B", Mode::Relay, *addr, Some(p.0.id())));
+            }
+            let targets: Vec<_> = paths.iter().map(|&(_, mode, addr, pid)| (mode, addr, pid)).collect();
+            let latency = latencies(&targets).await;
+            let mut mbps = vec![Vec::new(); paths.len()];
             for _ in 0..TRIALS {
-                direct.trial(Mode::Plain, echo, None).await;
-                pipe.trial(Mode::Plain, pipe_addr, Some(pipe_proc.0.id())).await;
-                mio.trial(Mode::Plain, mio_addr, Some(mio_proc.0.id())).await;
-                if let Some((p, addr)) = &ng {
-                    nginx.trial(Mode::Plain, *addr, Some(p.0.id())).await;
-                }
-                relay.trial(Mode::Relay, relay_addr, Some(relay_proc.0.id())).await;
-                if let Some((p, addr)) = &other {
-                    relay_b.trial(Mode::Relay, *addr, Some(p.0.id())).await;
+                for (i, &(_, mode, addr, _)) in paths.iter().enumerate() {
+                    mbps[i].push(throughput(mode, addr).await);
                 }
             }
-        }
+            paths
+                .iter()
+                .zip(latency)
+                .zip(mbps)
+                .map(|((&(name, ..), (p50, p99, cpu)), mbps)| {
+                    (
+                        name,
+                        Medians {
+                            p50: us(p50),
+                            p99: us(p99),
+                            cpu: us(cpu),
+                            mbps: median(mbps),
+                        },
+                    )
+                })
+                .collect()
+        };
+        let fig = |name: &str| figures.iter().find(|f| f.0 == name).map(|f| f.1);
         // Memory on fresh processes, one at a time.
         let nginx_mem = match &nginx_bin {
             Some(b) => {
@@ -809,14 +839,17 @@ fn main() {
 
         println!();
         println!(
-            "relay bench (loopback; median of {TRIALS} interleaved trials of {LATENCY_ROUNDS} round trips of 64 B and \
-             {THROUGHPUT_FRAMES} x 16 KiB text frames with {WINDOW} in flight; memory at {IDLE_SESSIONS} idle sessions)"
+            "relay bench (loopback; latency: {} round trips of 64 B per path, in turns of {TURN}; throughput: median \
+             of {TRIALS} trials, in turns, of {} x 16 KiB text frames with {WINDOW} in flight; memory at \
+             {IDLE_SESSIONS} idle sessions)",
+            TURNS * TURN,
+            throughput_frames()
         );
         println!(
             "{:<10} {:>9} {:>9} {:>11} {:>11} {:>14} {:>10} {:>16}",
             "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "CPU us/round", "MB/s", "KiB/idle session"
         );
-        let d = direct.medians();
+        let d = fig("direct").expect("measured");
         println!(
             "{:<10} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>10.0} {:>16}",
             "direct", d.p50, d.p99, "-", "-", "-", d.mbps, "-"
@@ -834,16 +867,17 @@ fn main() {
                 mem.map_or("-".to_string(), |m| format!("{:.1}", m.2))
             );
         };
-        row("tokio pipe", pipe.medians(), None);
-        row("mio pipe", mio.medians(), None);
-        let n = nginx_mem.map(|m| (nginx.medians(), m));
+        let pf = fig("tokio pipe").expect("measured");
+        row("tokio pipe", pf, None);
+        row("mio pipe", fig("mio pipe").expect("measured"), None);
+        let n = fig("nginx").zip(nginx_mem);
         if let Some((f, m)) = n {
             row("nginx", f, Some(m));
         }
-        let r = relay.medians();
+        let r = fig("relay").expect("measured");
         row("relay", r, Some(relay_mem));
-        if let Some(bin) = &compare {
-            row("relay B", relay_b.medians(), None);
+        if let (Some(bin), Some(b)) = (&compare, fig("relay B")) {
+            row("relay B", b, None);
             eprintln!("relay B: {}", bin.to_string_lossy());
         }
         if let Some((_, m)) = n {
@@ -855,7 +889,6 @@ fn main() {
         }
 
         println!();
-        let pf = pipe.medians();
         println!(
             "relay above the tokio pipe: {:+.1} us p50, {:+.1} us CPU per round trip",
             r.p50 - pf.p50,
