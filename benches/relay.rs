@@ -18,6 +18,9 @@
 //! cost of being WebSocket-aware; what it adds above nginx's includes
 //! tokio's event loop against nginx's. `--mio-pipe` is the same pipe on
 //! mio's `Poll` directly: what an event loop written for the job costs.
+//! `--tcp-pipe-2` (`pipe+thread`) is the tokio pipe with a second thread
+//! that never runs, as the relay has its background runtime: what merely
+//! being a process of two threads costs every socket call.
 //!
 //! Figures: round-trip latency of 64 B text messages (p50/p99, sequential),
 //! throughput of 16 KiB text frames (pipelined, one connection), and the
@@ -271,10 +274,22 @@ async fn sprites_path(dir: &Path) -> Result<(sim::SimHandle, PathBuf), String> {
 
 /// The `tokio pipe` child: accepts on `listen`, pipes every connection to
 /// `upstream` byte for byte.
-fn run_tcp_pipe(listen: &str, upstream: &str) {
+fn run_tcp_pipe(listen: &str, upstream: &str, second_thread: bool) {
     // As the relay's event loop is built (`relay::event_loop`): no time
     // driver, which would cost every wake-up.
     let rt = sprite_operator::relay::event_loop(1).unwrap();
+    if second_thread {
+        // `pipe+thread`: a thread that never runs, as the relay's background
+        // runtime mostly does not. Its mere existence makes every socket
+        // call of the process dearer (glibc's cancellation bookkeeping; the
+        // kernel's file lookups take references once the file table is
+        // shared), and this row measures by how much.
+        std::thread::spawn(|| {
+            loop {
+                std::thread::park();
+            }
+        });
+    }
     rt.block_on(async {
         let listener = TcpListener::bind(listen).await.unwrap();
         loop {
@@ -718,8 +733,8 @@ struct Medians {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--tcp-pipe") {
-        run_tcp_pipe(&args[i + 1], &args[i + 2]);
+    if let Some(i) = args.iter().position(|a| a == "--tcp-pipe" || a == "--tcp-pipe-2") {
+        run_tcp_pipe(&args[i + 1], &args[i + 2], args[i] == "--tcp-pipe-2");
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--mio-pipe") {
@@ -759,6 +774,7 @@ fn main() {
         let figures: Vec<(&str, Medians)> = {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
             let (pipe_proc, pipe_addr) = start_pipe("--tcp-pipe", echo);
+            let (pipe2_proc, pipe2_addr) = start_pipe("--tcp-pipe-2", echo);
             let (mio_proc, mio_addr) = start_pipe("--mio-pipe", echo);
             let (relay_proc, relay_addr) = start_relay(tmp.path(), Upstream::Fixed(echo));
             let other = compare
@@ -767,6 +783,7 @@ fn main() {
             let mut paths = vec![
                 ("direct", Mode::Plain, echo, None),
                 ("tokio pipe", Mode::Plain, pipe_addr, Some(pipe_proc.0.id())),
+                ("pipe+thread", Mode::Plain, pipe2_addr, Some(pipe2_proc.0.id())),
                 ("mio pipe", Mode::Plain, mio_addr, Some(mio_proc.0.id())),
             ];
             if let Some((p, addr)) = &ng {
@@ -846,17 +863,17 @@ fn main() {
             throughput_frames()
         );
         println!(
-            "{:<10} {:>9} {:>9} {:>11} {:>11} {:>14} {:>10} {:>16}",
+            "{:<11} {:>9} {:>9} {:>11} {:>11} {:>14} {:>10} {:>16}",
             "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "CPU us/round", "MB/s", "KiB/idle session"
         );
         let d = fig("direct").expect("measured");
         println!(
-            "{:<10} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>10.0} {:>16}",
+            "{:<11} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>10.0} {:>16}",
             "direct", d.p50, d.p99, "-", "-", "-", d.mbps, "-"
         );
         let row = |name: &str, f: Medians, mem: Option<(u64, u64, f64)>| {
             println!(
-                "{:<10} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>14.1} {:>10.0} {:>16}",
+                "{:<11} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>14.1} {:>10.0} {:>16}",
                 name,
                 f.p50,
                 f.p99,
@@ -869,6 +886,7 @@ fn main() {
         };
         let pf = fig("tokio pipe").expect("measured");
         row("tokio pipe", pf, None);
+        row("pipe+thread", fig("pipe+thread").expect("measured"), None);
         row("mio pipe", fig("mio pipe").expect("measured"), None);
         let n = fig("nginx").zip(nginx_mem);
         if let Some((f, m)) = n {
