@@ -281,9 +281,9 @@ fn run_tcp_pipe(listen: &str, upstream: &str, second_thread: bool) {
     if second_thread {
         // `pipe+thread`: a thread that never runs, as the relay's background
         // runtime mostly does not. Its mere existence makes every socket
-        // call of the process dearer (glibc's cancellation bookkeeping; the
-        // kernel's file lookups take references once the file table is
-        // shared), and this row measures by how much.
+        // call of the process dearer (glibc wraps each in cancellation
+        // bookkeeping once a process has a second thread), and this row
+        // measures by how much.
         std::thread::spawn(|| {
             loop {
                 std::thread::park();
