@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::either::Either;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use super::auth::{self, SUBPROTOCOL};
 use super::error::Error;
@@ -225,9 +225,7 @@ async fn ws(
             Ok((target, permit, sid)) => {
                 let span = info_span!("session", namespace = %target.namespace, user = %target.user,
                     sprite = %target.sprite, vm = %target.vm, session = %sid, %peer);
-                session::run(task_relay, socket, target, sid)
-                    .instrument(span)
-                    .await;
+                session::run(task_relay, socket, target, sid, span).await;
                 drop(permit);
             }
         }
