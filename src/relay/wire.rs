@@ -612,6 +612,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_the_socket_takes_in_part_is_finished_once() {
+        // The first write takes 64 bytes: the rest goes out once the peer
+        // reads, after them, and nothing twice.
+        let (a, mut peer) = tokio::io::duplex(64);
+        let mut ours = Socket::new(a, Role::Server, BytesMut::new(), limits(64, MAX));
+        let frame: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        ours.send_wire(&frame).await.unwrap();
+        drop(ours);
+        assert_eq!(reader.await.unwrap(), frame);
+    }
+
+    #[tokio::test]
     async fn a_message_over_the_cap_is_refused_before_its_payload_is_read() {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut peer = WebSocketStream::from_raw_socket(b, TRole::Client, None).await;
