@@ -117,8 +117,9 @@ impl Msg {
             Payload::Masked(at, mask) if self.wire.len() - at <= SMALL_PAYLOAD => {
                 // Left uninitialised: zeroing all 512 bytes for a 64 B
                 // payload cost more than unmasking it (callgrind).
+                let src = &self.wire[*at..];
                 let mut buf = [MaybeUninit::<u8>::uninit(); SMALL_PAYLOAD];
-                let p = buf[..self.wire.len() - at].write_copy_of_slice(&self.wire[*at..]);
+                let p = buf[..src.len()].write_copy_of_slice(src);
                 unmask(p, *mask);
                 f(p)
             }
