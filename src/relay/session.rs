@@ -328,8 +328,7 @@ where
                         {
                             frames_up.inc();
                             if ws.send_wire(&msg.wire).await.is_err() {
-                                up = None;
-                                on_upstream_lost(&relay, &mut st, &span);
+                                on_upstream_lost(&relay, &mut st, &mut up, &span);
                                 // Not written: held for the next connection,
                                 // as it would have been if queued.
                                 let len = msg.len();
@@ -368,8 +367,7 @@ where
                 if let Some(ws) = up.as_mut()
                     && flush_outbox(ws, &mut st.outbox).await.is_err()
                 {
-                    up = None;
-                    on_upstream_lost(&relay, &mut st, &span);
+                    on_upstream_lost(&relay, &mut st, &mut up, &span);
                 }
             }
             Event::Upstream(msg) => {
@@ -381,8 +379,7 @@ where
                         ));
                     }
                     Ok(None) | Err(_) => {
-                        up = None;
-                        on_upstream_lost(&relay, &mut st, &span);
+                        on_upstream_lost(&relay, &mut st, &mut up, &span);
                         continue;
                     }
                 };
@@ -397,8 +394,7 @@ where
                     Kind::Binary => {}
                     Kind::Ping => {
                         if up.as_mut().expect("guarded").pong(&msg).await.is_err() {
-                            up = None;
-                            on_upstream_lost(&relay, &mut st, &span);
+                            on_upstream_lost(&relay, &mut st, &mut up, &span);
                         }
                         continue;
                     }
@@ -406,8 +402,7 @@ where
                     Kind::Close => {
                         let ws = up.as_mut().expect("guarded");
                         let _ = ws.close(msg.close_code(), "").await;
-                        up = None;
-                        on_upstream_lost(&relay, &mut st, &span);
+                        on_upstream_lost(&relay, &mut st, &mut up, &span);
                         continue;
                     }
                 }
@@ -448,8 +443,7 @@ where
                         if now >= st.next_keepalive {
                             st.next_keepalive = now + cfg.keepalive_interval;
                             if ws.ping().await.is_err() {
-                                up = None;
-                                on_upstream_lost(&relay, &mut st, &span);
+                                on_upstream_lost(&relay, &mut st, &mut up, &span);
                             }
                         }
                         if now >= st.next_lease {
@@ -532,8 +526,9 @@ async fn on_connected(
 }
 
 /// The upstream went away under a live session (the VM slept, the runtime
-/// restarted for an update): reconnect at once.
-fn on_upstream_lost(relay: &Relay, st: &mut State, span: &Span) {
+/// restarted for an update): drop it and reconnect at once.
+fn on_upstream_lost(relay: &Relay, st: &mut State, up: &mut Option<Upstream>, span: &Span) {
+    *up = None;
     relay.metrics.upstream_drops.inc();
     info!(parent: span, unacked = st.outbox.unacked(), "upstream closed: reconnecting");
     st.swallow_hello = false;
