@@ -27,6 +27,7 @@ use super::routing::Target;
 use super::upstream::Upstream;
 use super::wakeups::Wakeups;
 use super::wire::{Kind, Msg, Socket, WireError};
+use crate::timers::Timers;
 
 /// How long to wait for a close handshake to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -127,6 +128,31 @@ async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result
     Ok(())
 }
 
+/// A connection attempt to the runtime, bounded by the connect timeout.
+///
+/// Not inlined, and the attempt's future is built inside its box: that
+/// future is about 13 KiB (the Sprites proxy's HTTP, TLS and WebSocket
+/// handshakes), and built in `run`, its temporaries made `run`'s poll
+/// function a 69 KiB stack frame, whose 17 pages the stack probes touched on
+/// every poll, twice per relayed round trip (docs/relay.md, session 9).
+#[inline(never)]
+fn start_connect(relay: &Relay, target: &Target, timers: &Timers, span: &Span) -> Connecting {
+    let connector = relay.connector.clone();
+    let target = target.clone();
+    let limits = relay.config.socket_limits(timers.clone());
+    let limit = relay.config.connect_timeout;
+    let timers = timers.clone();
+    Box::pin(
+        async move {
+            timers
+                .timeout(limit, connector.connect(&target, limits))
+                .await
+                .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
+        }
+        .instrument(span.clone()),
+    )
+}
+
 /// Runs a session until the browser leaves, the relay shuts down or an error
 /// ends it. `session` names the runtime session (the `hello`).
 ///
@@ -187,19 +213,7 @@ where
             && st.retry_at.is_none_or(|t| t <= Instant::now())
         {
             st.retry_at = None;
-            let connector = relay.connector.clone();
-            let t = target.clone();
-            let limits = cfg.socket_limits(timers.clone());
-            let limit = cfg.connect_timeout;
-            let connect = timers.timeout(limit, async move { connector.connect(&t, limits).await });
-            connecting = Some(Box::pin(
-                async move {
-                    connect
-                        .await
-                        .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
-                }
-                .instrument(span.clone()),
-            ));
+            connecting = Some(start_connect(&relay, &target, &timers, &span));
             wake.mark(CONNECTING);
         }
         // The earliest thing a timer must do.
