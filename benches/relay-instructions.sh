@@ -13,6 +13,14 @@
 # difference over 2000 is the steady-state cost per round trip (start-up and
 # connection set-up cancel out). Needs valgrind, nginx, and the Python venv
 # of hack/python-env.sh (the client is the `websockets` library).
+#
+# Then the footprint: how many 64 B cache lines of code and of data, and how
+# many 4 KiB pages, a round trip touches (valgrind's lackey, every access,
+# 100 and 400 round trips; a line counts when the extra 300 round trips
+# touched it at least 270 times). Between two messages the kernel's TCP path
+# and the other processes run, so what a proxy touches is mostly cold again:
+# a count of instructions misses that, and it is how session 9 found a 69 KiB
+# stack frame whose probes touched 17 pages per poll (docs/relay.md).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -96,11 +104,65 @@ per_round_trip() {
   echo $(((b - a) / 2000))
 }
 
-printf '%-40s %s\n' path "instructions per 64 B round trip (user space)"
-printf '%-40s %s\n' nginx "$(per_round_trip ws://127.0.0.1:18080/ "" "$nginx" -c "$work/nginx.conf")"
-printf '%-40s %s\n' "tokio pipe" "$(per_round_trip ws://127.0.0.1:18080/ "" "$bench" --tcp-pipe 127.0.0.1:18080 127.0.0.1:18765)"
-printf '%-40s %s\n' "mio pipe" "$(per_round_trip ws://127.0.0.1:18080/ "" "$bench" --mio-pipe 127.0.0.1:18080 127.0.0.1:18765)"
+cat >"$work/lines.py" <<'EOF'
+import json, sys
+# lackey's trace (on a FIFO) -> accesses per 64 B line, code and data apart.
+code, data = {}, {}
+with open(sys.argv[1], "rb") as trace:
+    for line in trace:
+        kind = line[:2]
+        if kind == b"I ":
+            d = code
+        elif kind in (b" L", b" S", b" M"):
+            d = data
+        else:
+            continue
+        a = int(line[3:].split(b",")[0], 16) >> 6
+        d[a] = d.get(a, 0) + 1
+json.dump({"code": code, "data": data}, open(sys.argv[2], "w"))
+EOF
+cat >"$work/footprint.py" <<'EOF'
+import json, sys
+# Lines touched at least 0.9 times per round trip over the extra 300.
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+hot = {k: {l for l, n in b[k].items() if (n - a[k].get(l, 0)) / 300 >= 0.9} for k in ("code", "data")}
+pages = {int(l) >> 6 for k in hot for l in hot[k]}
+print(f"{len(hot['code'])} / {len(hot['data'])} / {len(pages)}")
+EOF
+# lines N CMD... -> the lines CMD touches while a client makes N round trips.
+lines() {
+  local n=$1 url=$2 token=$3
+  shift 3
+  rm -f "$work/trace"
+  mkfifo "$work/trace"
+  python3 "$work/lines.py" "$work/trace" "$work/lines.$n" &
+  local counter=$!
+  valgrind --tool=lackey --trace-mem=yes --log-file="$work/trace" "$@" >"$work/proxy.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 150); do (echo >/dev/tcp/127.0.0.1/18080) 2>/dev/null && break; sleep 0.2; done
+  "$VENV/bin/python" "$work/client.py" "$url" "$n" ${token:+"$token"}
+  kill -TERM $pid
+  wait $pid || true
+  wait $counter
+}
+footprint() {
+  lines 100 "$@"
+  lines 400 "$@"
+  python3 "$work/footprint.py" "$work/lines.100" "$work/lines.400"
+}
+
+# Both measures of one path, as one row.
+row() {
+  local name=$1
+  shift
+  printf '%-40s %12s %28s\n' "$name" "$(per_round_trip "$@")" "$(footprint "$@")"
+}
+printf '%-40s %12s %28s\n' path instructions "code / data lines / pages"
+row nginx ws://127.0.0.1:18080/ "" "$nginx" -c "$work/nginx.conf"
+row "tokio pipe" ws://127.0.0.1:18080/ "" "$bench" --tcp-pipe 127.0.0.1:18080 127.0.0.1:18765
+row "mio pipe" ws://127.0.0.1:18080/ "" "$bench" --mio-pipe 127.0.0.1:18080 127.0.0.1:18765
 for r in "${relays[@]}"; do
-  printf '%-40s %s\n' "relay ${r#"$here/"}" "$(per_round_trip ws://127.0.0.1:18080/ws "$token" "$r" relay \
-    --listen 127.0.0.1:18080 --dev-static "$work/directory.yaml" --dev-fixed-upstream ws://127.0.0.1:18765/)"
+  row "relay ${r#"$here/"}" ws://127.0.0.1:18080/ws "$token" "$r" relay \
+    --listen 127.0.0.1:18080 --dev-static "$work/directory.yaml" --dev-fixed-upstream ws://127.0.0.1:18765/
 done
+echo "(per 64 B round trip, user space; instructions by callgrind, lines and pages by lackey)"

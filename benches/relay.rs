@@ -374,7 +374,11 @@ mod mio_pipe {
                     continue;
                 }
                 let i = ev.token().0;
-                if ev.is_writable() && flush(&mut sides, i) {
+                // A writable edge comes with every ACK: only one that
+                // drained what was pending lets the peer be read again
+                // (reading it otherwise is a wasted EAGAIN per message).
+                let had_pending = sides[i].as_ref().is_some_and(|s| !s.pending.is_empty());
+                if ev.is_writable() && had_pending && flush(&mut sides, i) {
                     // Room again: what the peer holds can come through.
                     let peer = sides[i].as_ref().map(|s| s.peer);
                     if let Some(p) = peer {
@@ -417,8 +421,10 @@ mod mio_pipe {
         true
     }
 
-    /// Reads `i` until it would block (edge-triggered) and writes each read
-    /// to its peer; stops while the peer has bytes pending.
+    /// Reads `i` until it is drained (edge-triggered) and writes each read
+    /// to its peer; stops while the peer has bytes pending. A read shorter
+    /// than the buffer drained the socket (as tokio assumes too): reading on
+    /// to EAGAIN would cost a syscall per message that no other path makes.
     fn pump(sides: &mut [Option<Side>], i: usize, buf: &mut [u8], poll: &Poll) {
         loop {
             let Some(peer) = sides[i].as_ref().map(|s| s.peer) else {
@@ -439,6 +445,9 @@ mod mio_pipe {
                 Ok(w) => p.pending.extend_from_slice(&buf[w..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => p.pending.extend_from_slice(&buf[..n]),
                 Err(_) => return close(sides, i, poll),
+            }
+            if n < buf.len() {
+                return;
             }
         }
     }
