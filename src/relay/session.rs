@@ -202,7 +202,7 @@ where
     // When the sleep is set to fire; NEVER from now: it fired and is unset.
     let mut timer_at = now + NEVER;
     let mut shutdown = relay.shutdown.signal();
-    let wake = Wakeups::<SOURCES>::new();
+    let mut wake = Wakeups::<SOURCES>::new();
     info!(parent: &span, "session started");
 
     let end = loop {

@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, RawWaker, RawWakerVTable, Waker};
 
-use futures::task::AtomicWaker;
-
 /// Up to 8 sources (the index rides in the low bits of the waker's pointer).
 pub struct Wakeups<const N: usize> {
     shared: Arc<Shared>,
     wakers: [Waker; N],
+    /// The sources due, taken from `shared.due` by [`Wakeups::register`]:
+    /// only the polling task reads and writes these, so `take` and `mark`
+    /// are plain bit operations.
+    due: u32,
 }
 
 /// One allocation for all of a session's sources: a waker per source in an
@@ -35,10 +37,14 @@ pub struct Wakeups<const N: usize> {
 /// KiB they hold.
 #[repr(align(8))]
 struct Shared {
-    /// Bit `i`: source `i` is due.
+    /// Bit `i`: source `i` woke since the task last looked.
     due: AtomicU32,
-    /// The task that polls the sources.
-    task: AtomicWaker,
+    /// The task that polls the sources. Fixed for the life of this
+    /// allocation, so a wake-up reads it without a lock or a swap; a task
+    /// that shows up with another waker gets a new allocation
+    /// ([`Wakeups::register`]). A tokio task's waker is the same on every
+    /// poll, so in the relay that happens once, on the first poll.
+    task: Waker,
 }
 
 const INDEX_BITS: usize = 0b111;
@@ -82,8 +88,10 @@ unsafe fn wake_by_ref_raw(ptr: *const ()) {
     let (shared, bit) = untag(ptr);
     // SAFETY: the waker's count keeps `Shared` alive.
     let shared = unsafe { &*shared };
+    // Release: what the source did before waking is seen by the task that
+    // takes the bit (`register`, Acquire).
     shared.due.fetch_or(bit, Ordering::Release);
-    shared.task.wake();
+    shared.task.wake_by_ref();
 }
 
 unsafe fn drop_raw(ptr: *const ()) {
@@ -91,35 +99,65 @@ unsafe fn drop_raw(ptr: *const ()) {
     unsafe { Arc::decrement_strong_count(untag(ptr).0) };
 }
 
+/// Every source of `N`.
+const fn all<const N: usize>() -> u32 {
+    ((1u64 << N) - 1) as u32
+}
+
 impl<const N: usize> Wakeups<N> {
     /// Every source starts due: each must be polled once to register.
     pub fn new() -> Self {
         const { assert!(N <= INDEX_BITS + 1) };
+        // Bound to no task yet: the first `register` binds the real one.
+        Self::bound_to(Waker::noop().clone())
+    }
+
+    fn bound_to(task: Waker) -> Self {
         let shared = Arc::new(Shared {
-            due: AtomicU32::new((1 << N) - 1),
-            task: AtomicWaker::new(),
+            due: AtomicU32::new(0),
+            task,
         });
         let wakers = std::array::from_fn(|i| source_waker(&shared, i));
-        Self { shared, wakers }
+        Self {
+            shared,
+            wakers,
+            due: all::<N>(),
+        }
     }
 
     /// Call first in every poll of the task, before any [`Wakeups::take`]:
-    /// a source that wakes after its flag was read then wakes the task again.
-    pub fn register(&self, cx: &Context<'_>) {
-        self.shared.task.register(cx.waker());
+    /// it takes the sources that woke since the last call. A source that
+    /// wakes after this wakes the task again.
+    ///
+    /// If the task's waker is not the one the sources wake (the first poll;
+    /// a caller that moved these to another task), the sources get new
+    /// wakers for the new one and all become due: each is polled again
+    /// with its new waker, which replaces the old one wherever that was
+    /// registered. An old waker that fires meanwhile wakes the old task
+    /// spuriously, which a waker may always do, and sets a flag nobody
+    /// reads; the poll that follows sees the event itself.
+    pub fn register(&mut self, cx: &Context<'_>) {
+        if !self.shared.task.will_wake(cx.waker()) {
+            *self = Self::bound_to(cx.waker().clone());
+            return;
+        }
+        // A plain load first: on most polls nothing else woke.
+        if self.shared.due.load(Ordering::Relaxed) != 0 {
+            self.due |= self.shared.due.swap(0, Ordering::Acquire);
+        }
     }
 
     /// Whether source `i` is due; clears it. The caller then polls it.
-    pub fn take(&self, i: usize) -> bool {
+    pub fn take(&mut self, i: usize) -> bool {
         let bit = 1 << i;
-        // A plain load first: most sources are not due on most polls.
-        self.shared.due.load(Ordering::Acquire) & bit != 0
-            && self.shared.due.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        let due = self.due & bit != 0;
+        self.due &= !bit;
+        due
     }
 
     /// Makes source `i` due without a wake-up.
-    pub fn mark(&self, i: usize) {
-        self.shared.due.fetch_or(1 << i, Ordering::Relaxed);
+    pub fn mark(&mut self, i: usize) {
+        self.due |= 1 << i;
     }
 
     /// The context to poll source `i` with.
@@ -152,27 +190,33 @@ mod tests {
         (c.clone(), Waker::from(c))
     }
 
-    /// Wakeups whose sources were all polled once: none due.
-    fn settled<const N: usize>() -> Wakeups<N> {
-        let w = Wakeups::<N>::new();
+    /// Wakeups bound to `waker`'s task, whose sources were all polled once:
+    /// none due.
+    fn settled<const N: usize>(waker: &Waker) -> Wakeups<N> {
+        let mut w = Wakeups::<N>::new();
+        w.register(&Context::from_waker(waker));
         (0..N).for_each(|i| assert!(w.take(i)));
         w
     }
 
     #[test]
     fn every_source_starts_due_once() {
-        let w = Wakeups::<3>::new();
+        let (_, waker) = task();
+        let mut w = Wakeups::<3>::new();
+        w.register(&Context::from_waker(&waker));
         assert!((0..3).all(|i| w.take(i)));
         assert!((0..3).all(|i| !w.take(i)));
     }
 
     #[test]
     fn a_wake_makes_only_its_source_due_and_wakes_the_task() {
-        let w = settled::<3>();
         let (count, waker) = task();
-        w.register(&Context::from_waker(&waker));
+        let mut w = settled::<3>(&waker);
         w.context(1).waker().wake_by_ref();
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Seen at the task's next poll, not before.
+        assert!(!w.take(1));
+        w.register(&Context::from_waker(&waker));
         assert!(!w.take(0));
         assert!(w.take(1));
         assert!(!w.take(1));
@@ -180,43 +224,71 @@ mod tests {
         // A clone held by a driver (as tokio's I/O driver holds it) wakes
         // the same source.
         let held = w.context(2).waker().clone();
-        w.register(&Context::from_waker(&waker));
         held.wake();
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        w.register(&Context::from_waker(&waker));
         assert!(w.take(2));
     }
 
     #[test]
-    fn a_wake_before_the_task_registered_is_kept() {
-        let w = settled::<2>();
-        w.context(0).waker().wake_by_ref();
+    fn wakes_between_polls_are_all_taken_at_the_next() {
         let (count, waker) = task();
+        let mut w = settled::<4>(&waker);
+        w.context(3).waker().wake_by_ref();
+        w.context(0).waker().wake_by_ref();
+        w.context(3).waker().wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 3);
         w.register(&Context::from_waker(&waker));
-        // Nobody to wake yet, but the flag says it when the task looks.
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        assert!(w.take(0));
+        assert_eq!(
+            (0..4).map(|i| w.take(i)).collect::<Vec<_>>(),
+            [true, false, false, true]
+        );
+        // Nothing woke since: the next poll has nothing due.
+        w.register(&Context::from_waker(&waker));
+        assert!((0..4).all(|i| !w.take(i)));
     }
 
     #[test]
     fn mark_makes_a_source_due_without_waking() {
-        let w = settled::<2>();
         let (count, waker) = task();
-        w.register(&Context::from_waker(&waker));
+        let mut w = settled::<2>(&waker);
         w.mark(1);
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        w.register(&Context::from_waker(&waker));
         assert!(!w.take(0));
         assert!(w.take(1));
     }
 
     #[test]
+    fn another_tasks_waker_rebinds_every_source_and_makes_it_due() {
+        let (first, first_waker) = task();
+        let mut w = settled::<2>(&first_waker);
+        let old = w.context(0).waker().clone();
+        let (second, second_waker) = task();
+        w.register(&Context::from_waker(&second_waker));
+        assert!(w.take(0) && w.take(1), "polled again with the new wakers");
+        // The new wakers wake the new task.
+        w.context(1).waker().wake_by_ref();
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        w.register(&Context::from_waker(&second_waker));
+        assert!(!w.take(0) && w.take(1));
+        // One still registered somewhere wakes the old task, spuriously,
+        // and makes nothing due here: the source was polled again anyway.
+        old.wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        w.register(&Context::from_waker(&second_waker));
+        assert!(!w.take(0) && !w.take(1));
+    }
+
+    #[test]
     fn wakers_outlive_the_wakeups_and_hold_their_allocation_until_dropped() {
-        let w = settled::<8>();
+        let (count, waker) = task();
+        let w = settled::<8>(&waker);
         let shared = Arc::downgrade(&w.shared);
         // Clones as drivers hold them; the last source's index is 7, the
         // largest the pointer's low bits carry.
         let held: Vec<Waker> = (0..8).map(|i| w.context(i).waker().clone()).collect();
-        let (count, waker) = task();
-        w.register(&Context::from_waker(&waker));
         drop(w);
         assert!(shared.upgrade().is_some());
         held[7].wake_by_ref();
