@@ -11,16 +11,17 @@
 //! child from a config written to a temp dir.
 //!
 //! A fourth path, `tokio pipe`, is this binary re-run as a child with
-//! `--tcp-pipe`: a plain TCP byte pipe on a one-thread tokio runtime built
-//! as the relay's event loop is (`copy_bidirectional`, no time driver),
-//! which does not look at frames at all. It is the floor for any proxy
-//! built on tokio, as the relay is: what the relay adds above it is the
-//! cost of being WebSocket-aware; what it adds above nginx's includes
-//! tokio's event loop against nginx's. `--mio-pipe` is the same pipe on
-//! mio's `Poll` directly: what an event loop written for the job costs.
-//! `--tcp-pipe-2` (`pipe+thread`) is the tokio pipe with a second thread
-//! that never runs, as the relay has its background runtime: what merely
-//! being a process of two threads costs every socket call.
+//! `--tcp-pipe`: a plain TCP byte pipe on a one-thread tokio runtime with
+//! no time driver (`copy_bidirectional`), which does not look at frames at
+//! all: the floor for a proxy built on tokio, which the relay was until
+//! session 10 gave it an event loop of its own (`sprite_operator::
+//! event_loop`). `--mio-pipe` is the same pipe on mio's `Poll` directly:
+//! what an event loop written for the job costs, the floor of the relay's
+//! own. `--tcp-pipe-2` (`pipe+thread`) is the tokio pipe with a second
+//! thread that never runs, as the relay has its other runtimes' threads:
+//! what merely being a process of two threads costs every socket call
+//! (glibc's cancellation bookkeeping, which the relay's own socket calls
+//! skip).
 //!
 //! Figures: round-trip latency of 64 B text messages (p50/p99, sequential),
 //! throughput of 16 KiB text frames (pipelined, one connection), and the
@@ -275,9 +276,13 @@ async fn sprites_path(dir: &Path) -> Result<(sim::SimHandle, PathBuf), String> {
 /// The `tokio pipe` child: accepts on `listen`, pipes every connection to
 /// `upstream` byte for byte.
 fn run_tcp_pipe(listen: &str, upstream: &str, second_thread: bool) {
-    // As the relay's event loop is built (`relay::event_loop`): no time
-    // driver, which would cost every wake-up.
-    let rt = sprite_operator::relay::event_loop(1).unwrap();
+    // One thread and no time driver, which would cost every wake-up: the
+    // best a tokio runtime does for this (the relay ran on one such until
+    // it had an event loop of its own, `sprite_operator::event_loop`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
     if second_thread {
         // `pipe+thread`: a thread that never runs, as the relay's background
         // runtime mostly does not. Its mere existence makes every socket

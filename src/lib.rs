@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod crdgen;
 pub mod demo;
+pub mod event_loop;
 pub mod money;
 pub mod relay;
 pub mod runtime;

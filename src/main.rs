@@ -132,9 +132,9 @@ struct RelayArgs {
     /// read before the session is ended (as nginx's send_timeout).
     #[arg(long, default_value = "60s")]
     write_timeout: humantime::Duration,
-    /// Threads relaying sessions. 1 (the default): one event loop, the
-    /// lowest latency per message; more: a work-stealing pool, for more
-    /// than one core's worth of traffic in one process.
+    /// Event loops relaying sessions, a thread each. 1 (the default): the
+    /// lowest latency per message, as one nginx worker; more for more than
+    /// one core's worth of traffic in one process.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Development and benchmarks only: send every session to this
@@ -208,9 +208,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => block_on(controller(args)),
         Command::Sim(args) => block_on(sim(args)),
         Command::Demo(args) => block_on(demo(args)),
-        Command::Relay(args) => {
-            block_on_runtime(sprite_operator::relay::event_loop(args.threads), relay(*args))
-        }
+        Command::Relay(args) => block_on_runtime(sprite_operator::relay::front_runtime(), relay(*args)),
     }
 }
 
@@ -337,6 +335,7 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         drain_timeout: args.drain_timeout.into(),
         read_buffer_bytes: args.ws_read_buffer_bytes,
         write_timeout: args.write_timeout.into(),
+        threads: args.threads,
         ..RelayConfig::default()
     };
     let jwt = JwtVerifier::from_files(args.jwt_hs256_secret_file.as_deref(), args.jwks_file.as_deref())
@@ -344,8 +343,8 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         .with_issuer(args.jwt_issuer)
         .with_audience(args.jwt_audience);
     // The kube client and the cache watch run on the relay's background
-    // runtime, with the sessions' timers: their timers (connection read
-    // timeouts) then stay off the event loop that relays frames.
+    // runtime, with the sessions' timers: the front runtime (HTTP) and the
+    // event loops that relay frames have no time driver.
     let background = relay::background::Background::start().map_err(|e| format!("relay: {e}"))?;
     let (directory, kube) = match &args.dev_static {
         Some(path) => {

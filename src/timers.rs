@@ -2,16 +2,18 @@
 //! into.
 //!
 //! By default a tokio timer lives in the runtime that creates it. The
-//! relay's event loop is built without a time driver (`relay::event_loop`):
-//! a time driver costs every wake-up of its runtime, due timers or not (it
-//! reads the clock and walks its wheel around each `epoll_wait`), about 700
-//! of the relay's user-space instructions per 64 B round trip (callgrind,
+//! relay relays on event loops of its own (`crate::event_loop`), which have
+//! no timers, and its front runtime has no time driver
+//! (`relay::front_runtime`): a time driver costs every wake-up of its
+//! runtime, due timers or not (it reads the clock and walks its wheel
+//! around each `epoll_wait`), about 700 of the relay's user-space
+//! instructions per 64 B round trip when it ran on tokio (callgrind,
 //! `docs/relay.md`). Its timers go to the relay's background runtime
-//! instead: created there, they can be polled from any runtime, and the one
+//! instead: created there, they can be polled from any thread, and the one
 //! that fires wakes its task across threads.
 //!
-//! A timer created on a runtime without a time driver panics. So every
-//! component that may run on the event loop (the relay's sockets and
+//! A timer created where there is no time driver panics. So every
+//! component that may run on an event loop (the relay's sockets and
 //! sessions, the Sprites client's WebSocket connects) takes its timers from
 //! a [`Timers`] instead of `tokio::time` directly. reqwest's own timeouts
 //! are not covered: the relay makes no REST call.

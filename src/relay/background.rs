@@ -1,8 +1,8 @@
 //! A runtime on a thread of its own for the relay's work that is not
 //! relaying: every timer of the relay (the sessions' pings, keepalives and
 //! idleness, connect, write and close timeouts, the Sprites client's
-//! retries), the caches' watch of Users and Sprites, and the session-lease
-//! writes.
+//! retries), DNS for upstream connections, the caches' watch of Users and
+//! Sprites, and the session-lease writes.
 //!
 //! Why: a runtime's time driver costs every wake-up of that runtime (it
 //! reads the clock and walks its wheel around each `epoll_wait`), whether
@@ -10,9 +10,10 @@
 //! on the event loop that cost is paid per message: about 6 µs more CPU per
 //! 64 B round trip for the bench's tokio pipe with one idle timer
 //! registered, and about 700 user-space instructions per round trip for the
-//! relay with the driver there and no timer in it (`docs/relay.md`). So the
-//! event loop has no time driver (`relay::event_loop`), and timers made
-//! here through [`Background::timers`] are polled from it; one firing wakes
+//! relay with the driver there and no timer in it (`docs/relay.md`). So
+//! neither the relay's event loops (`crate::event_loop`) nor its front
+//! runtime (`relay::front_runtime`) has timers, and timers made here
+//! through [`Background::timers`] are polled from them; one firing wakes
 //! its task across threads. The kube client's connections (with their read
 //! timeouts) live here for the same reason.
 

@@ -43,9 +43,12 @@ pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
+
+use crate::event_loop::{EventLoop, Spawner};
 
 pub use auth::{JwtVerifier, SUBPROTOCOL, gateway_token_sha256};
 pub use error::{Error, close};
@@ -89,6 +92,11 @@ pub struct RelayConfig {
     /// the session ends. Backpressure is kept (a slow reader slows the
     /// sender); a reader that stopped does not hold the session forever.
     pub write_timeout: Duration,
+    /// Event loops relaying sessions (`crate::event_loop`), a thread each;
+    /// a session stays on the one it was given. One is an nginx worker's
+    /// worth: more for more than one core's worth of traffic in one
+    /// process (or more replicas).
+    pub threads: usize,
 }
 
 impl Default for RelayConfig {
@@ -109,6 +117,7 @@ impl Default for RelayConfig {
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 4 * 1024,
             write_timeout: Duration::from_secs(60),
+            threads: 1,
         }
     }
 }
@@ -139,7 +148,7 @@ impl RelayConfig {
         if self.lease_refresh >= self.lease {
             return bad("the lease must be refreshed before it runs out");
         }
-        if self.max_connections_per_user == 0 || self.read_buffer_bytes == 0 {
+        if self.max_connections_per_user == 0 || self.read_buffer_bytes == 0 || self.threads == 0 {
             return bad("limits and buffers must be positive");
         }
         Ok(())
@@ -158,7 +167,34 @@ pub struct Relay {
     pub shutdown: shutdown::Shutdown,
     /// Timers, watch and lease writes, off the event loop.
     pub background: background::Background,
+    /// Where sessions run, in turn. Spawners only: the loops stop with the
+    /// [`RelayHandle`], not with this (which every session holds).
+    loops: Vec<Spawner>,
+    next_loop: AtomicUsize,
+    /// Upstream connections on those loops.
+    dial: upstream::LoopDial,
     sessions: TaskTracker,
+}
+
+impl Relay {
+    /// Runs the session `make` builds on one of the relay's event loops,
+    /// counted among its sessions until it ends. `make` runs there: the
+    /// sockets it takes over belong to that loop.
+    pub(crate) fn spawn_session<F, Fut>(&self, make: F)
+    where
+        F: FnOnce() -> Option<Fut> + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let i = self.next_loop.fetch_add(1, Ordering::Relaxed) % self.loops.len();
+        let token = self.sessions.token();
+        self.loops[i].spawn_with(move || {
+            let session = make()?;
+            Some(async move {
+                session.await;
+                drop(token);
+            })
+        });
+    }
 }
 
 /// What [`start`] needs.
@@ -180,8 +216,11 @@ pub struct RelayHandle {
     addr: SocketAddr,
     relay: Arc<Relay>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The relay's event loops: dropped with the handle, they stop and drop
+    /// the sessions they still have.
+    _loops: Vec<EventLoop>,
     /// Set by [`start_on_event_loop`]: dropped with the handle, it ends the
-    /// relay's own event loop.
+    /// relay's own front runtime.
     _event_loop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -227,21 +266,14 @@ impl RelayHandle {
     }
 }
 
-/// The runtime the relay's frames are relayed on, as `sprite-operator relay`
-/// builds it. One thread by default: one event loop, as an nginx worker has,
-/// cost ~10 µs less per relayed round trip than a work-stealing pool on the
-/// benchmark (docs/relay.md); more threads for more cores' worth of traffic,
-/// or more replicas. No time driver: the relay's timers live on its
-/// background runtime ([`crate::timers`]), which [`start`] hands to the
-/// sockets, the sessions and the Sprites connector.
-pub fn event_loop(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads {
-        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_io().build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_io()
-            .build(),
-    }
+/// The runtime of the relay's HTTP side, as `sprite-operator relay` builds
+/// it: the listener, admission and the upgrade, `/metrics` and the probes.
+/// Frames are relayed on the relay's own event loops instead
+/// ([`crate::event_loop`], `RelayConfig::threads`), and its timers live on
+/// its background runtime ([`crate::timers`]), so this one needs neither
+/// more than one thread nor a time driver.
+pub fn front_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_io().build()
 }
 
 /// Binds and serves; returns once listening.
@@ -255,6 +287,12 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
     };
     // The upstream's timers (connect retries and timeouts) too.
     let connector = parts.connector.with_timers(background.timers());
+    let loops = (0..parts.config.threads)
+        .map(|i| EventLoop::start(&format!("relay-loop-{i}")))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let dial = upstream::LoopDial {
+        dns: background.handle().clone(),
+    };
     let relay = Arc::new(Relay {
         leases: lease::Leases::new(
             parts.kube.map(|c| (c, background.handle().clone())),
@@ -269,6 +307,9 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
         metrics: metrics::Metrics::default(),
         limits: Arc::new(limits::ConnectionLimits::default()),
         shutdown: shutdown::Shutdown::default(),
+        loops: loops.iter().map(EventLoop::spawner).collect(),
+        next_loop: AtomicUsize::new(0),
+        dial,
         sessions: TaskTracker::new(),
     });
     let server = tokio::spawn(server::serve(listener, relay.clone()));
@@ -277,21 +318,25 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
         addr,
         relay,
         server,
+        _loops: loops,
         _event_loop: None,
     })
 }
 
-/// [`start`] on an event loop of its own, on a new thread, built as
-/// `sprite-operator relay` builds it ([`event_loop`]): no time driver, so a
-/// timer that would go to the event loop's wheel panics here as it would in
-/// production. For in-process use (the tests). The loop ends with the
-/// handle (dropped, or after [`RelayHandle::shutdown`]).
-pub async fn start_on_event_loop(parts: Parts, threads: usize) -> Result<RelayHandle, Error> {
-    let rt = event_loop(threads)?;
+/// [`start`] on a front runtime of its own, on a new thread, built as
+/// `sprite-operator relay` builds it ([`front_runtime`]), with `threads`
+/// event loops. Nothing of the relay then runs on the caller's runtime, and
+/// a tokio timer or socket made where the relay has no runtime for it
+/// panics here as it would in production. For in-process use (the tests).
+/// The front runtime ends with the handle (dropped, or after
+/// [`RelayHandle::shutdown`]).
+pub async fn start_on_event_loop(mut parts: Parts, threads: usize) -> Result<RelayHandle, Error> {
+    let rt = front_runtime()?;
+    parts.config.threads = threads;
     let (started_tx, started) = tokio::sync::oneshot::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
-        .name("relay-event-loop".into())
+        .name("relay-front".into())
         .spawn(move || {
             rt.block_on(async move {
                 let _ = started_tx.send(start(parts).await);
@@ -301,7 +346,7 @@ pub async fn start_on_event_loop(parts: Parts, threads: usize) -> Result<RelayHa
         })?;
     let mut handle = started
         .await
-        .map_err(|_| Error::Config("the relay's event loop ended before it started".into()))??;
+        .map_err(|_| Error::Config("the relay's front runtime ended before it started".into()))??;
     handle._event_loop = Some(stop);
     Ok(handle)
 }

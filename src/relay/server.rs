@@ -29,8 +29,7 @@ use hyper_util::server::conn::auto::upgrade;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_util::either::Either;
-use tracing::{debug, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 use super::auth::{self, SUBPROTOCOL};
 use super::error::Error;
@@ -38,6 +37,7 @@ use super::metrics::ReasonLabels;
 use super::routing::{self, Target};
 use super::wire::{Role, Socket};
 use super::{Relay, limits::Permit, session};
+use crate::event_loop;
 
 pub async fn serve(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> std::io::Result<()> {
     let app = Router::new()
@@ -208,27 +208,40 @@ async fn ws(
             }
         };
         // The TCP stream itself rather than hyper's wrappers around it:
-        // they sit on every read of the session.
-        let (io, early) = match upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
-            Ok(parts) => (
-                Either::Left(parts.io.into_inner()),
-                BytesMut::from(parts.read_buf),
-            ),
-            Err(upgraded) => {
-                debug!("upgraded connection is not a TCP stream: relaying through hyper's wrapper");
-                (Either::Right(TokioIo::new(upgraded)), BytesMut::new())
+        // they would sit on every read of the session, and the session's
+        // event loop takes over the socket.
+        let (tcp, early) = match upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
+            Ok(parts) => (parts.io.into_inner(), BytesMut::from(parts.read_buf)),
+            Err(_) => {
+                warn!("upgraded connection is not a TCP stream: closed");
+                return;
             }
         };
-        let socket = Socket::new(io, Role::Server, early, limits);
-        match admitted {
-            Err(e) => session::refuse(socket, &e).await,
-            Ok((target, permit, sid)) => {
-                let span = info_span!("session", namespace = %target.namespace, user = %target.user,
-                    sprite = %target.sprite, vm = %target.vm, session = %sid, %peer);
-                session::run(task_relay, socket, target, sid, span).await;
-                drop(permit);
+        let (target, permit, sid) = match admitted {
+            // Refused here, on this runtime: no session, no event loop.
+            Err(e) => return session::refuse(Socket::new(tcp, Role::Server, early, limits), &e).await,
+            Ok(admitted) => admitted,
+        };
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!(error = %e, "cannot take the browser's socket from the HTTP runtime");
+                return;
             }
-        }
+        };
+        let relay = task_relay.clone();
+        task_relay.spawn_session(move || {
+            let tcp = event_loop::TcpStream::from_std(tcp)
+                .inspect_err(|e| warn!(error = %e, "cannot register the browser's socket"))
+                .ok()?;
+            let socket = Socket::new(tcp, Role::Server, early, limits);
+            let span = info_span!("session", namespace = %target.namespace, user = %target.user,
+                sprite = %target.sprite, vm = %target.vm, session = %sid, %peer);
+            Some(async move {
+                session::run(relay, socket, target, sid, span).await;
+                drop(permit);
+            })
+        });
     };
     relay.sessions.spawn(task);
 

@@ -65,7 +65,9 @@ const UPSTREAM: usize = 3;
 const TIMER: usize = 4;
 const SOURCES: usize = 5;
 
-type Connecting = Pin<Box<dyn Future<Output = Result<Upstream, Error>> + Send>>;
+/// Not `Send`: it runs where it was made, on the session's event loop, and
+/// the socket it makes belongs there.
+type Connecting = Pin<Box<dyn Future<Output = Result<Upstream, Error>>>>;
 
 /// The session's state besides the sockets.
 struct State {
@@ -138,6 +140,7 @@ async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result
 #[inline(never)]
 fn start_connect(relay: &Relay, target: &Target, timers: &Timers, span: &Span) -> Connecting {
     let connector = relay.connector.clone();
+    let dial = relay.dial.clone();
     let target = target.clone();
     let limits = relay.config.socket_limits(timers.clone());
     let limit = relay.config.connect_timeout;
@@ -145,7 +148,7 @@ fn start_connect(relay: &Relay, target: &Target, timers: &Timers, span: &Span) -
     Box::pin(
         async move {
             timers
-                .timeout(limit, connector.connect(&target, limits))
+                .timeout(limit, connector.connect(&target, limits, &dial))
                 .await
                 .map_err(|_| Error::Upstream(format!("no connection within {limit:?}")))?
         }

@@ -16,7 +16,41 @@ use super::error::{Error, Failure, classify};
 use super::redact::{Token, url_for_log};
 use crate::timers::Timers;
 
-pub(crate) type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type WsStream<S = TcpStream> = WebSocketStream<MaybeTlsStream<S>>;
+
+/// Opens the TCP connection under a Sprites WebSocket, on the runtime that
+/// will drive it: tokio's ([`TokioDial`]), or the relay's own event loop,
+/// whose sessions hold proxy streams (`relay::upstream`).
+pub trait Dial: Sync {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
+
+    /// Connects to `host` (a name or an IP address, without brackets) and
+    /// `port`, with `TCP_NODELAY`.
+    fn dial(&self, host: &str, port: u16) -> impl Future<Output = std::io::Result<Self::Stream>>;
+
+    /// Runs a short task over a stream of this kind, detached (the closing
+    /// handshake of a dropped proxy stream); does nothing where none can run.
+    fn spawn_detached(task: futures::future::BoxFuture<'static, ()>);
+}
+
+/// Connections on the tokio runtime of the caller.
+pub struct TokioDial;
+
+impl Dial for TokioDial {
+    type Stream = TcpStream;
+
+    async fn dial(&self, host: &str, port: u16) -> std::io::Result<TcpStream> {
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    fn spawn_detached(task: futures::future::BoxFuture<'static, ()>) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(task);
+        }
+    }
+}
 
 /// How failed calls are repeated. Only idempotent calls (GET, PUT, DELETE, WebSocket handshakes,
 /// restore) are retried on 5xx, timeouts and broken connections; create is retried only on errors
@@ -263,16 +297,18 @@ impl SpritesClient {
     /// Opens a WebSocket, retrying the handshake: a refused or failed handshake proves that the
     /// server started nothing, since commands start only after the upgrade.
     pub(crate) async fn ws_connect(&self, url: Url) -> Result<WsStream, Error> {
-        self.ws_connect_with(url, None).await
+        self.ws_connect_with(url, None, &TokioDial).await
     }
 
-    /// [`Self::ws_connect`] with tungstenite's buffer and size settings.
-    pub(crate) async fn ws_connect_with(
+    /// [`Self::ws_connect`] with tungstenite's buffer and size settings, over
+    /// a connection from `dial`.
+    pub(crate) async fn ws_connect_with<D: Dial>(
         &self,
         url: Url,
         config: Option<WebSocketConfig>,
-    ) -> Result<WsStream, Error> {
-        let attempt = || self.ws_connect_once(&url, config);
+        dial: &D,
+    ) -> Result<WsStream<D::Stream>, Error> {
+        let attempt = || self.ws_connect_once(&url, config, dial);
         let policy = &self.inner.retry;
         let timers = self.inner.timers.clone();
         attempt
@@ -291,7 +327,12 @@ impl SpritesClient {
             .await
     }
 
-    async fn ws_connect_once(&self, url: &Url, config: Option<WebSocketConfig>) -> Result<WsStream, Error> {
+    async fn ws_connect_once<D: Dial>(
+        &self,
+        url: &Url,
+        config: Option<WebSocketConfig>,
+        dial: &D,
+    ) -> Result<WsStream<D::Stream>, Error> {
         let log_url = url_for_log(url);
         let mut request = url
             .as_str()
@@ -301,9 +342,20 @@ impl SpritesClient {
             .headers_mut()
             .insert(http::header::AUTHORIZATION, self.auth_header()?);
         let limit = self.inner.timeouts.connect;
-        // No Nagle: exec and proxy traffic is small writes that wait for
-        // an answer, which Nagle's algorithm would hold back for an ACK.
-        let connect = tokio_tungstenite::connect_async_with_config(request, config, true);
+        // What tungstenite's `connect_async` does, over `dial`'s connection
+        // (which disables Nagle: exec and proxy traffic is small writes that
+        // wait for an answer, which Nagle's algorithm would hold back).
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(Error::InvalidRequest(format!("no host in {log_url}"))),
+        };
+        let port = url.port_or_known_default().unwrap_or(443);
+        let connect = async {
+            let tcp = dial.dial(&host, port).await.map_err(tungstenite::Error::Io)?;
+            tokio_tungstenite::client_async_tls_with_config(request, tcp, config, None).await
+        };
         let connected = self.inner.timers.timeout(limit, connect).await;
         let Ok(result) = connected else {
             return Err(Error::Timeout {

@@ -16,7 +16,7 @@ mod redact;
 mod rest;
 mod types;
 
-pub use client::{RetryPolicy, SpritesClient, Timeouts};
+pub use client::{Dial, RetryPolicy, SpritesClient, Timeouts, TokioDial};
 pub use error::Error;
 pub use exec::{ExecRequest, go_duration};
 pub use proxy::ProxyStream;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::client::{SpritesClient, WsStream, to_ws_url};
+use super::client::{Dial, SpritesClient, TokioDial, WsStream, to_ws_url};
 use super::error::Error;
 use super::redact::url_for_log;
 use crate::timers::Timers;
@@ -55,10 +55,10 @@ pub(crate) fn parse_init_reply(data: &[u8]) -> Result<String, String> {
 /// connection then holds no task, pipe or copy buffer (the relay keeps one per browser
 /// session; the bridge made a deployed relay's idle session ~160 KiB, docs/relay.md), and
 /// a message is not copied and handed between tasks on its way.
-pub struct ProxyStream {
+pub struct ProxyStream<S = tokio::net::TcpStream> {
     /// Boxed: the WebSocket is ~1.4 KiB, and the relay's session future
     /// holds a stream in several of its states. None once dropped.
-    ws: Option<Box<WsStream>>,
+    ws: Option<Box<WsStream<S>>>,
     /// What the last binary message held beyond what the reader took.
     pending: Bytes,
     /// The server's Close came, or the connection ended: reads give EOF.
@@ -68,9 +68,12 @@ pub struct ProxyStream {
     target: String,
     /// Where the closing handshake's timeout goes when dropped.
     timers: Timers,
+    /// The closing handshake when dropped, on the runtime that drives `S`
+    /// ([`Dial::spawn_detached`]).
+    close_detached: fn(Box<WsStream<S>>, Timers),
 }
 
-impl std::fmt::Debug for ProxyStream {
+impl<S> std::fmt::Debug for ProxyStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyStream")
             .field("target", &self.target)
@@ -80,13 +83,16 @@ impl std::fmt::Debug for ProxyStream {
     }
 }
 
-impl ProxyStream {
+impl<S> ProxyStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     /// The address the server says it connected to.
     pub fn target(&self) -> &str {
         &self.target
     }
 
-    fn ws(&mut self) -> Pin<&mut WsStream> {
+    fn ws(&mut self) -> Pin<&mut WsStream<S>> {
         Pin::new(&mut **self.ws.as_mut().expect("present until drop"))
     }
 }
@@ -101,7 +107,7 @@ fn io_error(e: tungstenite::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for ProxyStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ProxyStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -131,7 +137,7 @@ impl AsyncRead for ProxyStream {
     }
 }
 
-impl AsyncWrite for ProxyStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ProxyStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -164,7 +170,7 @@ impl AsyncWrite for ProxyStream {
     }
 }
 
-impl Drop for ProxyStream {
+impl<S> Drop for ProxyStream<S> {
     /// Dropped without a shutdown (the usual end of a relay session): close
     /// the WebSocket politely, as a socket's drop sends a FIN, in a task so
     /// that the drop does not wait, and bounded so that a silent server
@@ -174,25 +180,27 @@ impl Drop for ProxyStream {
         if self.closed || self.eof {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let timers = self.timers.clone();
-        rt.spawn(async move {
-            let mut ws = *ws;
-            let close = async {
-                let frame = CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "".into(),
-                };
-                if ws.close(Some(frame)).await.is_ok() {
-                    // Until the server's Close: the handshake's end.
-                    while let Some(Ok(_)) = ws.next().await {}
-                }
-            };
-            let _ = timers.timeout(CLOSE_WAIT, close).await;
-        });
+        (self.close_detached)(ws, self.timers.clone());
     }
+}
+
+/// The closing handshake of a dropped stream, as a task where `D`'s
+/// streams run.
+fn close_detached<D: Dial>(ws: Box<WsStream<D::Stream>>, timers: Timers) {
+    D::spawn_detached(Box::pin(async move {
+        let mut ws = *ws;
+        let close = async {
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            if ws.close(Some(frame)).await.is_ok() {
+                // Until the server's Close: the handshake's end.
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        };
+        let _ = timers.timeout(CLOSE_WAIT, close).await;
+    }));
 }
 
 /// The proxy WebSocket's settings. tungstenite's defaults suit bulk
@@ -208,9 +216,20 @@ fn config() -> WebSocketConfig {
 impl SpritesClient {
     /// Opens `/v1/sprites/{name}/proxy` to `host:port` inside the VM (wakes it).
     pub async fn proxy(&self, name: &str, host: &str, port: u16) -> Result<ProxyStream, Error> {
+        self.proxy_via(name, host, port, &TokioDial).await
+    }
+
+    /// [`Self::proxy`] over a connection from `dial`.
+    pub async fn proxy_via<D: Dial>(
+        &self,
+        name: &str,
+        host: &str,
+        port: u16,
+        dial: &D,
+    ) -> Result<ProxyStream<D::Stream>, Error> {
         let url = to_ws_url(self.url(&["sprites", name, "proxy"]));
         let log_url = url_for_log(&url);
-        let mut ws = self.ws_connect_with(url, Some(config())).await?;
+        let mut ws = self.ws_connect_with(url, Some(config()), dial).await?;
         let stream_err = |message: String| Error::Stream {
             url: log_url.clone(),
             message,
@@ -249,6 +268,7 @@ impl SpritesClient {
             closed: false,
             target,
             timers: self.inner.timers.clone(),
+            close_detached: close_detached::<D>,
         })
     }
 }
@@ -290,6 +310,7 @@ mod tests {
             closed: false,
             target: "127.0.0.1:8765".into(),
             timers: Timers::current(),
+            close_detached: close_detached::<TokioDial>,
         };
         (stream, server)
     }
