@@ -131,25 +131,39 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Nanoseconds on CPU of a process and its children, all threads
-/// (`/proc/PID/task/TID/schedstat`, first field).
-fn tree_cpu_ns(pid: u32) -> u64 {
-    let mut total = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
+/// Nanoseconds on CPU of every thread of `/proc/{proc_dir}`
+/// (`task/TID/schedstat`, first field).
+fn threads_cpu_ns(proc_dir: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{proc_dir}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
             let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            total += stat
-                .split_whitespace()
+            stat.split_whitespace()
                 .next()
                 .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Nanoseconds on CPU of a process and its children, all threads.
+fn tree_cpu_ns(pid: u32) -> u64 {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
-        total += tree_cpu_ns(c);
-    }
-    total
+    threads_cpu_ns(&pid.to_string())
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+            .map(tree_cpu_ns)
+            .sum::<u64>()
+}
+
+/// Nanoseconds on CPU of this process alone (the client and the echo
+/// server, with the kernel's work done in their context), all threads.
+fn own_cpu_ns() -> u64 {
+    threads_cpu_ns("self")
 }
 
 /// RSS of a process and its children (nginx: master and workers).
@@ -607,10 +621,13 @@ struct LatencyPath {
     pid: Option<u32>,
     times: Vec<Duration>,
     cpu_ns: u64,
+    /// This process's CPU time (client and echo server) in the path's turns.
+    bench_ns: u64,
 }
 
-/// p50 and p99 of the round trip, and the proxy's CPU time per round trip
-/// (user and system, all its threads and processes), for every path,
+/// p50 and p99 of the round trip, the proxy's CPU time per round trip
+/// (user and system, all its threads and processes) and the bench's own
+/// (the client's and the echo server's), for every path,
 /// measured in turns: each path makes TURN round trips in a row on its own
 /// connection, then the next path has its turn, until each has made
 /// TURNS x TURN. Turns a few milliseconds long pair the paths in time: load
@@ -619,7 +636,9 @@ struct LatencyPath {
 /// and not another. The order rotates each round, so that no path always
 /// follows the same one (whose work would have left the caches in a given
 /// state).
-async fn latencies(targets: &[(Mode, SocketAddr, Option<u32>)]) -> Vec<(Duration, Duration, Duration)> {
+async fn latencies(
+    targets: &[(Mode, SocketAddr, Option<u32>)],
+) -> Vec<(Duration, Duration, Duration, Duration)> {
     let msg = small_message();
     let mut paths = Vec::new();
     let mut sockets = Vec::new();
@@ -633,6 +652,7 @@ async fn latencies(targets: &[(Mode, SocketAddr, Option<u32>)]) -> Vec<(Duration
             pid,
             times: Vec::with_capacity(TURNS * TURN),
             cpu_ns: 0,
+            bench_ns: 0,
         });
     }
     for round in 0..TURNS {
@@ -640,11 +660,13 @@ async fn latencies(targets: &[(Mode, SocketAddr, Option<u32>)]) -> Vec<(Duration
             let i = (round + k) % paths.len();
             let (p, ws) = (&mut paths[i], &mut sockets[i]);
             let cpu_before = p.pid.map_or(0, tree_cpu_ns);
+            let bench_before = own_cpu_ns();
             for _ in 0..TURN {
                 let t = Instant::now();
                 round_trip(ws, &msg).await;
                 p.times.push(t.elapsed());
             }
+            p.bench_ns += own_cpu_ns().saturating_sub(bench_before);
             p.cpu_ns += p.pid.map_or(0, tree_cpu_ns).saturating_sub(cpu_before);
         }
     }
@@ -659,6 +681,7 @@ async fn latencies(targets: &[(Mode, SocketAddr, Option<u32>)]) -> Vec<(Duration
                 percentile(&p.times, 0.50),
                 percentile(&p.times, 0.99),
                 Duration::from_nanos(p.cpu_ns / p.times.len() as u64),
+                Duration::from_nanos(p.bench_ns / p.times.len() as u64),
             )
         })
         .collect()
@@ -742,6 +765,8 @@ struct Medians {
     p99: f64,
     /// The proxy's CPU time per round trip (two relayed messages).
     cpu: f64,
+    /// The bench's own (client and echo server) per round trip.
+    bench_cpu: f64,
     mbps: f64,
 }
 
@@ -767,10 +792,18 @@ fn main() {
         });
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // The client and the echo server on one thread: on a multi-thread
+    // runtime its workers also wake each other around messages, a cost and
+    // a variance of the bench's own that falls on every path alike and
+    // blurs the proxies' differences. RELAY_BENCH_RUNTIME=multi for the
+    // multi-thread runtime the bench used until session 10.
+    let rt = match std::env::var("RELAY_BENCH_RUNTIME").as_deref() {
+        Ok("multi") => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build()
+    .unwrap();
     rt.block_on(async {
         let echo = echo_server().await;
         let tmp = tempfile::tempdir().unwrap();
@@ -819,13 +852,14 @@ fn main() {
                 .iter()
                 .zip(latency)
                 .zip(mbps)
-                .map(|((&(name, ..), (p50, p99, cpu)), mbps)| {
+                .map(|((&(name, ..), (p50, p99, cpu, bench_cpu)), mbps)| {
                     (
                         name,
                         Medians {
                             p50: us(p50),
                             p99: us(p99),
                             cpu: us(cpu),
+                            bench_cpu: us(bench_cpu),
                             mbps: median(mbps),
                         },
                     )
@@ -877,23 +911,24 @@ fn main() {
             throughput_frames()
         );
         println!(
-            "{:<11} {:>9} {:>9} {:>11} {:>11} {:>14} {:>10} {:>16}",
-            "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "CPU us/round", "MB/s", "KiB/idle session"
+            "{:<11} {:>9} {:>9} {:>11} {:>11} {:>14} {:>12} {:>10} {:>16}",
+            "path", "p50 us", "p99 us", "+p50 us", "+p99 us", "CPU us/round", "bench CPU", "MB/s", "KiB/idle session"
         );
         let d = fig("direct").expect("measured");
         println!(
-            "{:<11} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>10.0} {:>16}",
-            "direct", d.p50, d.p99, "-", "-", "-", d.mbps, "-"
+            "{:<11} {:>9.1} {:>9.1} {:>11} {:>11} {:>14} {:>12.1} {:>10.0} {:>16}",
+            "direct", d.p50, d.p99, "-", "-", "-", d.bench_cpu, d.mbps, "-"
         );
         let row = |name: &str, f: Medians, mem: Option<(u64, u64, f64)>| {
             println!(
-                "{:<11} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>14.1} {:>10.0} {:>16}",
+                "{:<11} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>14.1} {:>12.1} {:>10.0} {:>16}",
                 name,
                 f.p50,
                 f.p99,
                 f.p50 - d.p50,
                 f.p99 - d.p99,
                 f.cpu,
+                f.bench_cpu,
                 f.mbps,
                 mem.map_or("-".to_string(), |m| format!("{:.1}", m.2))
             );
