@@ -792,18 +792,10 @@ fn main() {
         });
         return;
     }
-    // The client and the echo server on one thread: on a multi-thread
-    // runtime its workers also wake each other around messages, a cost and
-    // a variance of the bench's own that falls on every path alike and
-    // blurs the proxies' differences. RELAY_BENCH_RUNTIME=multi for the
-    // multi-thread runtime the bench used until session 10.
-    let rt = match std::env::var("RELAY_BENCH_RUNTIME").as_deref() {
-        Ok("multi") => tokio::runtime::Builder::new_multi_thread(),
-        _ => tokio::runtime::Builder::new_current_thread(),
-    }
-    .enable_all()
-    .build()
-    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let echo = echo_server().await;
         let tmp = tempfile::tempdir().unwrap();

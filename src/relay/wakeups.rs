@@ -42,8 +42,9 @@ struct Shared {
     /// The task that polls the sources. Fixed for the life of this
     /// allocation, so a wake-up reads it without a lock or a swap; a task
     /// that shows up with another waker gets a new allocation
-    /// ([`Wakeups::register`]). A tokio task's waker is the same on every
-    /// poll, so in the relay that happens once, on the first poll.
+    /// ([`Wakeups::register`]). A task's waker on the relay's event loop
+    /// (`crate::event_loop`) is the same on every poll, as a tokio task's
+    /// is, so in the relay that happens once, on the first poll.
     task: Waker,
 }
 
@@ -221,7 +222,7 @@ mod tests {
         assert!(w.take(1));
         assert!(!w.take(1));
         assert!(!w.take(2));
-        // A clone held by a driver (as tokio's I/O driver holds it) wakes
+        // A clone held by a driver (as the event loop's reactor holds it) wakes
         // the same source.
         let held = w.context(2).waker().clone();
         held.wake();
