@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio_util::task::TaskTracker;
 
 use crate::event_loop::{EventLoop, Spawner};
@@ -187,13 +188,11 @@ impl Relay {
     {
         let i = self.next_loop.fetch_add(1, Ordering::Relaxed) % self.loops.len();
         let token = self.sessions.token();
-        self.loops[i].spawn_with(move || {
-            let session = make()?;
-            Some(async move {
-                session.await;
-                drop(token);
-            })
-        });
+        // `map`, not `async move { session.await; drop(token) }`: an async
+        // block keeps what it captured apart from what it awaits, so the
+        // session's future would be stored twice (7.3 KiB per session
+        // where one copy is 3.6; massif).
+        self.loops[i].spawn_with(move || Some(make()?.map(move |()| drop(token))));
     }
 }
 

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use bytes::BytesMut;
+use futures::FutureExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto::upgrade;
@@ -237,10 +238,9 @@ async fn ws(
             let socket = Socket::new(tcp, Role::Server, early, limits);
             let span = info_span!("session", namespace = %target.namespace, user = %target.user,
                 sprite = %target.sprite, vm = %target.vm, session = %sid, %peer);
-            Some(async move {
-                session::run(relay, socket, target, sid, span).await;
-                drop(permit);
-            })
+            // The permit goes with the session (`map`: no second copy of
+            // the session's future, as an async block around it would keep).
+            Some(session::run(relay, socket, target, sid, span).map(move |()| drop(permit)))
         });
     };
     relay.sessions.spawn(task);
