@@ -220,7 +220,7 @@ pub struct RelayHandle {
     _loops: Vec<EventLoop>,
     /// Set by [`start_on_event_loop`]: dropped with the handle, it ends the
     /// relay's own front runtime.
-    _event_loop: Option<tokio::sync::oneshot::Sender<()>>,
+    _front: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl RelayHandle {
@@ -318,7 +318,7 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
         relay,
         server,
         _loops: loops,
-        _event_loop: None,
+        _front: None,
     })
 }
 
@@ -346,6 +346,6 @@ pub async fn start_on_event_loop(mut parts: Parts, threads: usize) -> Result<Rel
     let mut handle = started
         .await
         .map_err(|_| Error::Config("the relay's front runtime ended before it started".into()))??;
-    handle._event_loop = Some(stop);
+    handle._front = Some(stop);
     Ok(handle)
 }
