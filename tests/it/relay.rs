@@ -594,6 +594,7 @@ async fn start_fixed_relay(
         ..Default::default()
     };
     tune(&mut config);
+    let threads = config.threads;
     let parts = relay::Parts {
         config,
         directory,
@@ -602,7 +603,85 @@ async fn start_fixed_relay(
         kube: None,
         background: None,
     };
-    relay::start_on_event_loop(parts, 1).await.expect("relay starts")
+    relay::start_on_event_loop(parts, threads)
+        .await
+        .expect("relay starts")
+}
+
+/// How many times this process's thread named `name` went to sleep
+/// (`voluntary_ctxt_switches`), if there is one: an event loop's thread
+/// sleeps in `epoll_wait` after each turn, so this counts the turns it had.
+fn sleeps_of_thread(name: &str) -> Option<u64> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            if comm.trim() != name {
+                return None;
+            }
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+}
+
+/// With `threads: 2` the relay runs two event loops and gives sessions to
+/// them in turn; each session's sockets live on its own loop, so sessions
+/// on either loop relay both ways, interleaved, each only its own frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_several_event_loops_each_relay_their_own_frames() {
+    let token = "10095e5510001111222233334444aaaa";
+    // The runtime's stand-in: echoes every text frame on every connection.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let handle = start_fixed_relay(fixed_directory("loops", token), upstream_addr, |c| c.threads = 2).await;
+    // The second loop's thread (no other test runs two). A new thread names
+    // itself once it runs: until then it has its creator's name.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sleeps_of_thread("relay-loop-1").is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = sleeps_of_thread("relay-loop-1").expect("a second event loop");
+    let mut browsers = Vec::new();
+    for _ in 0..4 {
+        browsers.push(connect_browser(&handle, token, "").await.unwrap());
+    }
+    for round in 0..3 {
+        for (i, b) in browsers.iter_mut().enumerate() {
+            send(b, json!({"type": "note", "payload": format!("{i}-{round}")})).await;
+        }
+        for (i, b) in browsers.iter_mut().enumerate() {
+            let v = next_json(b, 5).await.unwrap();
+            assert_eq!(
+                v["payload"],
+                json!(format!("{i}-{round}")),
+                "session {i}'s own echo"
+            );
+        }
+    }
+    // Half the sessions are the second loop's: it woke for their frames
+    // (six relayed each way at least), where an idle loop sleeps on.
+    let turns = sleeps_of_thread("relay-loop-1").unwrap() - before;
+    assert!(turns >= 6, "the second loop relayed: {turns} turns");
+    for mut b in browsers {
+        b.close(None).await.unwrap();
+    }
+    handle.shutdown().await;
 }
 
 /// A text frame as it is on the wire, masked as a client sends it or not.
