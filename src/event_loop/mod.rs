@@ -322,7 +322,8 @@ pub fn spawn_local<F: Future<Output = ()> + 'static>(future: F) -> Result<(), F>
 }
 
 /// Whether this thread runs an event loop.
-pub fn is_loop_thread() -> bool {
+#[cfg(test)]
+fn is_loop_thread() -> bool {
     current().is_some()
 }
 

@@ -178,10 +178,6 @@ impl TcpStream {
         self.sock.set_nodelay(on)
     }
 
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.sock.peer_addr()
-    }
-
     fn core<'a>(&self) -> io::Result<&'a Core> {
         current()
             .filter(|c| c.id == self.home)
