@@ -94,9 +94,7 @@ impl Wake for TaskWaker {
         if self.queued.swap(true, Ordering::AcqRel) {
             return;
         }
-        let here = CURRENT.get();
-        // SAFETY: CURRENT is set only while its loop runs on this thread.
-        if let Some(core) = unsafe { here.as_ref() }
+        if let Some(core) = current()
             && core.id == self.home
         {
             core.queue.borrow_mut().push_back(self.task);

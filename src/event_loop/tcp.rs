@@ -10,6 +10,7 @@
 //! that came with the last data gives no edge of its own after the read
 //! that took the data.
 
+use std::cell::RefMut;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -184,19 +185,21 @@ impl TcpStream {
             .ok_or_else(not_on_its_loop)
     }
 
-    fn with_slot<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> io::Result<R> {
+    /// This socket's slot in its loop's slab, borrowed.
+    fn slot(&self) -> io::Result<RefMut<'_, Slot>> {
         let core = self.core()?;
-        let mut io = core.io.borrow_mut();
-        Ok(f(&mut io[self.slot]))
+        Ok(RefMut::map(core.io.borrow_mut(), |io| &mut io[self.slot]))
+    }
+
+    fn with_slot<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> io::Result<R> {
+        Ok(f(&mut *self.slot()?))
     }
 
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let core = match self.core() {
-            Ok(c) => c,
+        let mut slot = match self.slot() {
+            Ok(s) => s,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let mut io = core.io.borrow_mut();
-        let slot = &mut io[self.slot];
         if slot.writable || slot.write_closed {
             return Poll::Ready(Ok(()));
         }
@@ -207,12 +210,10 @@ impl TcpStream {
 
 impl AsyncRead for TcpStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let core = match self.core() {
-            Ok(c) => c,
+        let mut slot = match self.slot() {
+            Ok(s) => s,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let mut io = core.io.borrow_mut();
-        let slot = &mut io[self.slot];
         // SAFETY: only the kernel writes into it, and nothing here
         // de-initialises a byte.
         let dst = unsafe { buf.unfilled_mut() };
@@ -251,12 +252,10 @@ impl AsyncRead for TcpStream {
 
 impl AsyncWrite for TcpStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let core = match self.core() {
-            Ok(c) => c,
+        let mut slot = match self.slot() {
+            Ok(s) => s,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let mut io = core.io.borrow_mut();
-        let slot = &mut io[self.slot];
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
