@@ -15,6 +15,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info, warn};
@@ -52,10 +53,19 @@ enum Event {
     /// Boxed: an `Upstream` is 248 bytes, and every event, a relayed
     /// message most of the time, was moved at the size of the largest.
     Connected(Result<Box<Upstream>, Error>),
-    Browser(Result<Option<Msg>, WireError>),
-    Upstream(Result<Option<Msg>, WireError>),
+    /// A browser's read, and how much of its message the poll already
+    /// wrote to the upstream (`relay_up`).
+    Browser(Result<Option<Msg>, WireError>, usize),
+    /// The upstream's read, and how much of its message the poll already
+    /// wrote to the browser (`relay_down`).
+    Upstream(Result<Option<Msg>, WireError>, usize),
     Timer,
 }
+
+/// How many messages one poll relays in place before it lets the loop's
+/// other tasks run: a session whose peers keep its sockets full must not
+/// hold its event loop (tokio's cooperative budget is 128 operations).
+const RELAY_BUDGET: u32 = 64;
 
 /// The session loop's event sources (`wakeups`), in the order it polls them.
 const SHUTDOWN: usize = 0;
@@ -253,19 +263,45 @@ where
             {
                 return Poll::Ready(Event::Connected(r.map(Box::new)));
             }
-            if wake.take(BROWSER)
+            // Messages that need nothing of the loop are relayed here, in
+            // the poll (`relay_up`, `relay_down`); any other comes out as
+            // an event.
+            let mut relayed = 0;
+            while wake.take(BROWSER)
                 && let Poll::Ready(r) = browser.poll_next(&mut wake.context(BROWSER))
             {
                 // Not registered yet: there may be more in its buffer.
                 wake.mark(BROWSER);
-                return Poll::Ready(Event::Browser(r));
+                let msg = match r {
+                    Ok(Some(msg)) => msg,
+                    r => return Poll::Ready(Event::Browser(r, 0)),
+                };
+                if let Err((msg, sent)) = relay_up(msg, up.as_mut(), &mut st, &frames_up) {
+                    return Poll::Ready(Event::Browser(Ok(Some(msg)), sent));
+                }
+                relayed += 1;
+                if relayed == RELAY_BUDGET {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
-            if let Some(ws) = up.as_mut()
+            while let Some(ws) = up.as_mut()
                 && wake.take(UPSTREAM)
                 && let Poll::Ready(r) = ws.poll_next(&mut wake.context(UPSTREAM))
             {
                 wake.mark(UPSTREAM);
-                return Poll::Ready(Event::Upstream(r));
+                let msg = match r {
+                    Ok(Some(msg)) => msg,
+                    r => return Poll::Ready(Event::Upstream(r, 0)),
+                };
+                if let Err((msg, sent)) = relay_down(msg, &mut browser, &mut st, &frames_down) {
+                    return Poll::Ready(Event::Upstream(Ok(Some(msg)), sent));
+                }
+                relayed += 1;
+                if relayed == RELAY_BUDGET {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
             if wake.take(TIMER) && sleep.as_mut().poll(&mut wake.context(TIMER)).is_ready() {
                 return Poll::Ready(Event::Timer);
@@ -310,7 +346,7 @@ where
                     }
                 }
             }
-            Event::Browser(msg) => {
+            Event::Browser(msg, sent) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break End::BrowserGone,
@@ -344,7 +380,7 @@ where
                             && st.outbox.pass_through()
                         {
                             frames_up.inc();
-                            if ws.send_wire(&msg.wire).await.is_err() {
+                            if ws.send_wire(&msg.wire[sent..]).await.is_err() {
                                 on_upstream_lost(&relay, &mut st, &mut up, &span);
                                 // Not written: held for the next connection,
                                 // as it would have been if queued.
@@ -387,7 +423,7 @@ where
                     on_upstream_lost(&relay, &mut st, &mut up, &span);
                 }
             }
-            Event::Upstream(msg) => {
+            Event::Upstream(msg, sent) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Err(WireError::TooBig(_)) => {
@@ -424,18 +460,10 @@ where
                     }
                 }
                 frames_down.inc();
-                if browser.send_wire(&msg.wire).await.is_err() {
+                if browser.send_wire(&msg.wire[sent..]).await.is_err() {
                     break End::BrowserGone;
                 }
-                // Acks are read after the frame is forwarded: off its path
-                // to the browser. Only a frame written and not yet acked can
-                // be acked: with none, the reply is not looked into.
-                if msg.kind == Kind::Text
-                    && st.outbox.unacked() > 0
-                    && let Some(id) = outbox::acked_id(&msg.payload())
-                {
-                    st.outbox.ack(&id);
-                }
+                note_ack(&msg, &mut st.outbox);
             }
             Event::Timer => {
                 let now = Instant::now();
@@ -512,6 +540,87 @@ where
     let _ = timers
         .timeout(CLOSE_WAIT, futures::future::join(browser_close, upstream_close))
         .await;
+}
+
+/// A browser's message written to the runtime inside the session's poll,
+/// when it needs nothing of the loop: a text frame that is not a `hello`
+/// and carries no id, with nothing queued before it, taken whole by the
+/// upstream at once. That is most messages' path, and taking it in the poll
+/// spares each such message the loop's turn (its event, its match, a write
+/// future): see docs/relay.md, session 11. Any other message goes back
+/// with how much of it was written (0 unless the upstream took only part),
+/// and the loop does with it what it does with every message it reads.
+fn relay_up(
+    msg: Msg,
+    up: Option<&mut Upstream>,
+    st: &mut State,
+    frames: &Counter,
+) -> Result<(), (Msg, usize)> {
+    let Some(ws) = up else {
+        return Err((msg, 0));
+    };
+    if msg.kind != Kind::Text {
+        return Err((msg, 0));
+    }
+    // One that may name an id or a hello is read by the loop, unmasked.
+    let (payload, mask) = msg.masked_payload();
+    if outbox::may_matter(payload, mask) {
+        return Err((msg, 0));
+    }
+    st.last_activity = Instant::now();
+    st.wanted = true;
+    if !st.outbox.pass_through() {
+        return Err((msg, 0));
+    }
+    match ws.try_send_wire(&msg.wire) {
+        Ok(None) => {
+            frames.inc();
+            Ok(())
+        }
+        Ok(Some(written)) => Err((msg, written)),
+        // Nothing written: the loop's write meets the error and handles it.
+        Err(_) => Err((msg, 0)),
+    }
+}
+
+/// The runtime's message written to the browser inside the session's poll
+/// (as [`relay_up`]): a text or binary frame, unless it may be the reply to
+/// our `hello`, taken whole by the browser's socket at once.
+fn relay_down<S>(
+    msg: Msg,
+    browser: &mut Socket<S>,
+    st: &mut State,
+    frames: &Counter,
+) -> Result<(), (Msg, usize)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match msg.kind {
+        Kind::Binary => {}
+        Kind::Text if !st.swallow_hello => {}
+        _ => return Err((msg, 0)),
+    }
+    match browser.try_send_wire(&msg.wire) {
+        Ok(None) => {
+            frames.inc();
+            note_ack(&msg, &mut st.outbox);
+            Ok(())
+        }
+        Ok(Some(written)) => Err((msg, written)),
+        Err(_) => Err((msg, 0)),
+    }
+}
+
+/// Acks are read after the frame is forwarded: off its path to the
+/// browser. Only a frame written and not yet acked can be acked: with none,
+/// the reply is not looked into.
+fn note_ack(msg: &Msg, outbox: &mut Outbox) {
+    if msg.kind == Kind::Text
+        && outbox.unacked() > 0
+        && let Some(id) = outbox::acked_id(&msg.payload())
+    {
+        outbox.ack(&id);
+    }
 }
 
 /// A fresh upstream: name the session, resend what was never acked, start

@@ -127,6 +127,17 @@ impl Msg {
         }
     }
 
+    /// The payload as it is in `wire` and the key it is masked with (zeros
+    /// if it is not), for a look at it without a copy
+    /// ([`super::outbox::may_matter`]).
+    pub fn masked_payload(&self) -> (&[u8], [u8; 4]) {
+        match &self.payload {
+            Payload::Plain(at) => (&self.wire[*at..], [0; 4]),
+            Payload::Masked(at, mask) => (&self.wire[*at..], *mask),
+            Payload::Assembled(b) => (b, [0; 4]),
+        }
+    }
+
     /// Payload length.
     pub fn len(&self) -> usize {
         match &self.payload {
@@ -360,29 +371,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
     }
 
-    /// Writes frames that came from the other side, unchanged. The timer
-    /// is armed only if the socket cannot take them at once: a timer per
-    /// message would cost every message a trip through the timer wheel.
+    /// Writes frames that came from the other side, unchanged, as far as
+    /// the socket takes them without waiting: `None` when all of `wire` is
+    /// written and flushed (a socket with room takes a frame whole: the path
+    /// of nearly every relayed message), else how many bytes were written,
+    /// for [`Self::send_wire`] to finish from there. Polled with a waker that
+    /// does nothing: no wake-up is asked for.
+    pub fn try_send_wire(&mut self, wire: &[u8]) -> io::Result<Option<usize>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut io = Pin::new(&mut self.io);
+        let written = match io.as_mut().poll_write(&mut cx, wire) {
+            Poll::Ready(n) => n?,
+            Poll::Pending => 0,
+        };
+        if written == wire.len()
+            && let Poll::Ready(r) = io.poll_flush(&mut cx)
+        {
+            return r.map(|()| None);
+        }
+        Ok(Some(written))
+    }
+
+    /// [`Self::try_send_wire`], then the rest with the task's waker. The
+    /// timer is armed only if the socket cannot take the frames at once: a
+    /// timer per message would cost every message a trip through the timer
+    /// wheel, and the `write_all` future alone made the path of every
+    /// relayed message longer (callgrind).
     pub async fn send_wire(&mut self, wire: &[u8]) -> io::Result<()> {
-        // First one write and one flush, polled here with a waker that does
-        // nothing: a socket with room takes the frame whole, and that is
-        // the path of every relayed message, which the `write_all` future
-        // made longer (callgrind). If it cannot, the future below polls
-        // again with the task's waker.
-        let written = {
-            let mut cx = Context::from_waker(Waker::noop());
-            let mut io = Pin::new(&mut self.io);
-            let written = match io.as_mut().poll_write(&mut cx, wire) {
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => 0,
-            };
-            if written == wire.len()
-                && let Poll::Ready(r) = io.poll_flush(&mut cx)
-            {
-                return r;
-            }
-            written
+        let Some(written) = self.try_send_wire(wire)? else {
+            return Ok(());
         };
         let rest = &wire[written..];
         let write = async {

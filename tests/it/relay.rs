@@ -806,3 +806,74 @@ async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
     drop(browser);
     handle.shutdown().await;
 }
+
+/// Large frames both ways, faster than the sockets drain: the session's
+/// poll writes what a socket has room for, and the session loop finishes
+/// the rest of the frame (a mistake in where it resumes duplicates or drops
+/// bytes). Every frame arrives whole, once,
+/// in order, text and binary alike, with its bytes unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_frames_written_in_parts_arrive_whole_and_in_order() {
+    const FRAMES: usize = 48;
+    const SIZE: usize = 192 * 1024;
+    let token = "1a46e000111122223333444455556666";
+    // The runtime's stand-in: echoes every data frame as it came, after a
+    // pause in which the relay's writes to it fill its socket.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.next().await; // the relay's hello
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Some(Ok(m)) = ws.next().await {
+            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let handle = start_fixed_relay(fixed_directory("large", token), upstream_addr, |_| {}).await;
+    let browser = connect_browser(&handle, token, "").await.unwrap();
+    let (mut tx, mut rx) = browser.split();
+    // Frame i: text for even i, binary for odd, its bytes all different.
+    let frame = |i: usize| {
+        let body: String = (0..SIZE)
+            .map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8))
+            .collect();
+        if i.is_multiple_of(2) {
+            Message::text(format!(r#"{{"type":"note","payload":"{i}:{body}"}}"#))
+        } else {
+            Message::binary(format!("{i}:{body}").into_bytes())
+        }
+    };
+    let writer = tokio::spawn(async move {
+        for i in 0..FRAMES {
+            tx.send(frame(i)).await.expect("send");
+        }
+        tx
+    });
+    for i in 0..FRAMES {
+        // A slow start: the relay's writes to the browser fill its socket
+        // and then go in parts, while the browser's frames back up on the
+        // way in.
+        if i < 8 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.next())
+            .await
+            .unwrap_or_else(|_| panic!("frame {i} within 20 s"))
+            .expect("open")
+            .expect("a frame");
+        assert!(got == frame(i), "frame {i} back whole and in order");
+    }
+    let down = handle
+        .relay()
+        .metrics
+        .frames
+        .get_or_create(&relay::metrics::DirectionLabels { direction: "down" })
+        .get();
+    assert_eq!(down, FRAMES as u64, "each frame relayed to the browser once");
+    let mut browser = writer.await.unwrap().reunite(rx).unwrap();
+    browser.close(None).await.unwrap();
+    handle.shutdown().await;
+}
