@@ -41,7 +41,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
-use mio::{Events, Poll as MioPoll, Token};
+use std::os::fd::{AsRawFd, RawFd};
+
+use mio::{Poll as MioPoll, Token};
 use slab::Slab;
 
 /// The token of the loop's own waker; I/O tokens are slab indices.
@@ -198,7 +200,10 @@ impl Core {
 
     /// Moves what other threads queued onto this loop.
     fn take_remote(&self) {
-        if !self.remote.pending.swap(false, Ordering::AcqRel) {
+        // A plain load first: on most turns nothing came from elsewhere, and
+        // a swap is a locked instruction on every turn.
+        if !self.remote.pending.load(Ordering::Acquire) || !self.remote.pending.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let woken = std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|e| e.into_inner()));
@@ -325,7 +330,34 @@ fn is_loop_thread() -> bool {
     current().is_some()
 }
 
-fn run(core: Core, mut poll: MioPoll) {
+/// epoll_wait(2) on mio's epoll, as a plain syscall: glibc's wrapper is a
+/// cancellation point and, in a process with more than one thread, switches
+/// asynchronous cancellation on and off around the call (as `tcp::sys_recv`
+/// explains), about 60 user-space instructions per relayed round trip; and
+/// mio's `Poll::poll` copies its events into its own type before they are
+/// looked at. Registration stays mio's.
+fn sys_epoll_wait(
+    epoll: RawFd,
+    events: &mut [libc::epoll_event],
+    timeout_ms: libc::c_int,
+) -> std::io::Result<usize> {
+    // SAFETY: the kernel writes at most `events.len()` entries into `events`.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_epoll_wait,
+            libc::c_long::from(epoll),
+            events.as_mut_ptr(),
+            events.len() as libc::c_long,
+            libc::c_long::from(timeout_ms),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn run(core: Core, poll: MioPoll) {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -334,7 +366,8 @@ fn run(core: Core, mut poll: MioPoll) {
     }
     CURRENT.set(&core);
     let _reset = Reset;
-    let mut events = Events::with_capacity(256);
+    let epoll = poll.as_raw_fd();
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
     loop {
         for _ in 0..TASKS_PER_TURN {
             let Some(task) = core.queue.borrow_mut().pop_front() else {
@@ -347,20 +380,23 @@ fn run(core: Core, mut poll: MioPoll) {
             break;
         }
         // Tasks still queued: look at the sockets without waiting.
-        let timeout = (!core.queue.borrow().is_empty()).then_some(std::time::Duration::ZERO);
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        let timeout = if core.queue.borrow().is_empty() { -1 } else { 0 };
+        let n = match sys_epoll_wait(epoll, &mut events, timeout) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "the relay's event loop cannot poll: it stops");
+                break;
             }
-            tracing::error!(error = %e, "the relay's event loop cannot poll: it stops");
-            break;
-        }
-        for event in events.iter() {
-            if event.token() == WAKE {
+        };
+        for event in &events[..n] {
+            // mio registers a socket with its token as the event's data.
+            let token = event.u64 as usize;
+            if token == WAKE.0 {
                 // `take_remote` on the next turn.
                 continue;
             }
-            tcp::dispatch(&core, event);
+            tcp::dispatch(&core, token, event.events);
         }
     }
     // The tasks (and their sockets) go while this is still their loop.

@@ -33,24 +33,29 @@ pub(crate) struct Slot {
     writer: Option<Waker>,
 }
 
-/// Applies an epoll event to its socket. The wakers woken here only queue
-/// their task (they are the task's, or `relay::wakeups`' that wake it),
-/// so the slab stays borrowed while they run.
-pub(super) fn dispatch(core: &Core, event: &mio::event::Event) {
+/// Applies an epoll event (`flags` of the socket in slot `token`) to its
+/// socket, read as mio reads them (`mio::event::Event`'s `is_*`). The wakers
+/// woken here only queue their task (they are the task's, or
+/// `relay::wakeups`' that wake it), so the slab stays borrowed while they
+/// run.
+pub(super) fn dispatch(core: &Core, token: usize, flags: u32) {
     let mut io = core.io.borrow_mut();
-    let Some(slot) = io.get_mut(event.token().0) else {
+    let Some(slot) = io.get_mut(token) else {
         return;
     };
-    let read_closed = event.is_read_closed() || event.is_error();
-    if event.is_readable() || read_closed {
+    let has = |f: libc::c_int| flags & f as u32 != 0;
+    let error = has(libc::EPOLLERR);
+    // Both halves closed, or the peer's FIN (or our shutdown of reading).
+    let read_closed = has(libc::EPOLLHUP) || (has(libc::EPOLLIN) && has(libc::EPOLLRDHUP)) || error;
+    if has(libc::EPOLLIN) || has(libc::EPOLLPRI) || read_closed {
         slot.readable = true;
         slot.read_closed |= read_closed;
         if let Some(w) = &slot.reader {
             w.wake_by_ref();
         }
     }
-    let write_closed = event.is_write_closed() || event.is_error();
-    if event.is_writable() || write_closed {
+    let write_closed = has(libc::EPOLLHUP) || error;
+    if has(libc::EPOLLOUT) || write_closed {
         slot.writable = true;
         slot.write_closed |= write_closed;
         if let Some(w) = &slot.writer {
