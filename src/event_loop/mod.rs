@@ -1,5 +1,5 @@
 //! The relay's event loop: a thread with an executor and an epoll reactor
-//! (mio) of its own, on which the relay's sessions run and their sockets
+//! of its own (sockets registered through mio), on which the relay's sessions run and their sockets
 //! ([`TcpStream`]) are read and written. No tokio scheduler or I/O driver is
 //! on the path of a relayed message.
 //!
