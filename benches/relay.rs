@@ -804,9 +804,9 @@ fn place(pids: &[u32], set: &libc::cpu_set_t) {
 /// The last CPU of `set`, alone.
 fn last_cpu_of(set: &libc::cpu_set_t) -> (usize, libc::cpu_set_t) {
     let cpu = (0..libc::CPU_SETSIZE as usize)
+        .rev()
         // SAFETY: a read of a bit of a valid set, in range.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
-        .last()
+        .find(|&c| unsafe { libc::CPU_ISSET(c, set) })
         .expect("this process runs on some CPU");
     // SAFETY: as in own_cpus.
     let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -847,6 +847,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Every path's figures as placed by the OS, its latency on one CPU, and
+/// that CPU.
+type Figures = (Vec<(&'static str, Medians)>, Vec<(&'static str, Latency)>, usize);
 
 #[derive(Clone)]
 struct Medians {
@@ -905,7 +909,7 @@ fn main() {
         // process may use (docs/relay.md, session 11: on this 2-CPU VM the
         // first moves by tens of µs between runs with the wake-ups across
         // CPUs; on one CPU the proxies' own work decides the figure).
-        let (figures, one_cpu, cpu): (Vec<(&str, Medians)>, Vec<(&str, Latency)>, usize) = {
+        let (figures, one_cpu, cpu): Figures = {
             let ng = nginx_bin.as_ref().map(|b| start_nginx(b, &nginx_dir, echo));
             let (pipe_proc, pipe_addr) = start_pipe("--tcp-pipe", echo);
             let (pipe2_proc, pipe2_addr) = start_pipe("--tcp-pipe-2", echo);
