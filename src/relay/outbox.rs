@@ -72,18 +72,6 @@ pub fn head(text: &[u8]) -> Head<'_> {
     }
 }
 
-/// What the session needs of a browser's text frame: whether it is a
-/// `hello`, and its id. A frame that cannot name either ([`may_matter`]) is
-/// not parsed: most frames carry no id, and the parse was the larger part
-/// of the relay's own work per small message.
-pub fn browser_head(text: &[u8]) -> Head<'_> {
-    if may_matter(text, [0; 4]) {
-        head(text)
-    } else {
-        Head::default()
-    }
-}
-
 /// Whether a payload may name an id or a `hello`: it has `"id"`, `"hello"`
 /// or a backslash (an escape could spell either). Read as it is on the wire,
 /// masked with `mask` (RFC 6455, section 5.3; zeros for an unmasked one), so
@@ -426,6 +414,18 @@ mod tests {
             head(r#"{"type":"p","id":"a\"b"}"#.as_bytes()).id.as_deref(),
             Some("a\"b")
         );
+    }
+
+    /// What the session reads of a browser's text frame: its head, parsed
+    /// only if [`may_matter`] says it could name an id or a hello (most
+    /// frames carry no id, and the parse was the larger part of the relay's
+    /// own work per small message).
+    fn browser_head(text: &[u8]) -> Head<'_> {
+        if may_matter(text, [0; 4]) {
+            head(text)
+        } else {
+            Head::default()
+        }
     }
 
     #[test]

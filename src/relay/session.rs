@@ -360,10 +360,15 @@ where
                     Kind::Text => {
                         st.last_activity = Instant::now();
                         st.wanted = true;
-                        let (hello, id) = msg.with_payload(|p| {
-                            let h = outbox::browser_head(p);
+                        // Parsed only if it may name an id or a hello.
+                        let (raw, mask) = msg.masked_payload();
+                        let (hello, id) = if outbox::may_matter(raw, mask) {
+                            let p = msg.payload();
+                            let h = outbox::head(&p);
                             (h.type_.as_deref() == Some("hello"), h.id.map(|c| c.into_owned()))
-                        });
+                        } else {
+                            (false, None)
+                        };
                         if hello {
                             // The relay names the runtime session (the
                             // `session` query parameter); a browser hello
@@ -572,15 +577,9 @@ fn relay_up(
     if !st.outbox.pass_through() {
         return Err((msg, 0));
     }
-    match ws.try_send_wire(&msg.wire) {
-        Ok(None) => {
-            frames.inc();
-            Ok(())
-        }
-        Ok(Some(written)) => Err((msg, written)),
-        // Nothing written: the loop's write meets the error and handles it.
-        Err(_) => Err((msg, 0)),
-    }
+    write_now(ws, msg)?;
+    frames.inc();
+    Ok(())
 }
 
 /// The runtime's message written to the browser inside the session's poll
@@ -600,12 +599,21 @@ where
         Kind::Text if !st.swallow_hello => {}
         _ => return Err((msg, 0)),
     }
-    match browser.try_send_wire(&msg.wire) {
-        Ok(None) => {
-            frames.inc();
-            note_ack(&msg, &mut st.outbox);
-            Ok(())
-        }
+    let msg = write_now(browser, msg)?;
+    frames.inc();
+    note_ack(&msg, &mut st.outbox);
+    Ok(())
+}
+
+/// `msg` written to `to` at once and whole (and given back), or given back
+/// with how much of it was written, for the loop to finish; after an error
+/// nothing was written, and the loop's write meets the error and handles it.
+fn write_now<S>(to: &mut Socket<S>, msg: Msg) -> Result<Msg, (Msg, usize)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match to.try_send_wire(&msg.wire) {
+        Ok(None) => Ok(msg),
         Ok(Some(written)) => Err((msg, written)),
         Err(_) => Err((msg, 0)),
     }

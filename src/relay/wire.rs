@@ -23,7 +23,6 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -91,10 +90,6 @@ enum Payload {
     Assembled(Bytes),
 }
 
-/// Payloads up to this size are unmasked on the stack by
-/// [`Msg::with_payload`].
-const SMALL_PAYLOAD: usize = 512;
-
 impl Msg {
     /// The payload, unmasked (a copy only if it was masked).
     pub fn payload(&self) -> Cow<'_, [u8]> {
@@ -106,24 +101,6 @@ impl Msg {
                 unmask(&mut p, *mask);
                 Cow::Owned(p)
             }
-        }
-    }
-
-    /// Calls `f` with the payload, unmasked; a small masked one (a
-    /// browser's typical frame) is unmasked on the stack, which spares an
-    /// allocation and a free on the relay's path of every such message.
-    pub fn with_payload<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
-        match &self.payload {
-            Payload::Masked(at, mask) if self.wire.len() - at <= SMALL_PAYLOAD => {
-                // Left uninitialised: zeroing all 512 bytes for a 64 B
-                // payload cost more than unmasking it (callgrind).
-                let src = &self.wire[*at..];
-                let mut buf = [MaybeUninit::<u8>::uninit(); SMALL_PAYLOAD];
-                let p = buf[..src.len()].write_copy_of_slice(src);
-                unmask(p, *mask);
-                f(p)
-            }
-            _ => f(&self.payload()),
         }
     }
 
@@ -550,14 +527,11 @@ mod tests {
         assert_eq!(&*m.payload(), b"{\"type\":\"ping\"}");
         // Masked on the wire: the payload bytes differ from the text.
         assert_ne!(&m.wire[m.wire.len() - m.len()..], &*m.payload());
-        // On the stack when small, on the heap when not: the same bytes.
-        assert_eq!(m.with_payload(<[u8]>::to_vec), b"{\"type\":\"ping\"}");
-        for size in [SMALL_PAYLOAD, SMALL_PAYLOAD + 1] {
-            let text = "y".repeat(size);
-            browser.send(Message::text(text.clone())).await.unwrap();
-            let m = ours.next().await.unwrap().unwrap();
-            assert_eq!(m.with_payload(<[u8]>::to_vec), text.as_bytes());
-        }
+        // As it is on the wire, with its key: the same bytes once unmasked.
+        let (raw, mask) = m.masked_payload();
+        assert_ne!(mask, [0; 4]);
+        let unmasked: Vec<u8> = raw.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+        assert_eq!(unmasked, b"{\"type\":\"ping\"}");
     }
 
     #[tokio::test]
