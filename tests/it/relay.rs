@@ -818,16 +818,30 @@ async fn large_frames_written_in_parts_arrive_whole_and_in_order() {
     const SIZE: usize = 192 * 1024;
     let token = "1a46e000111122223333444455556666";
     // The runtime's stand-in: echoes every data frame as it came, after a
-    // pause in which the relay's writes to it fill its socket.
+    // pause in which the relay's writes to it fill its socket. It reads on
+    // while its echoes wait to be written (a task each way). One that stops
+    // reading until its write is taken, as the runtime's server does (it
+    // awaits each reply in its read loop), can deadlock with the relay
+    // when both directions are full: the relay waits on one write at a
+    // time (docs/relay.md, open points). This test is about the offsets.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
     tokio::spawn(async move {
         let (tcp, _) = upstream.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        ws.next().await; // the relay's hello
+        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        rx.next().await; // the relay's hello
         tokio::time::sleep(Duration::from_millis(300)).await;
-        while let Some(Ok(m)) = ws.next().await {
-            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+        let (echo_tx, mut echo_rx) = tokio::sync::mpsc::channel::<Message>(FRAMES);
+        tokio::spawn(async move {
+            while let Some(m) = echo_rx.recv().await {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(Ok(m)) = rx.next().await {
+            if (m.is_text() || m.is_binary()) && echo_tx.send(m).await.is_err() {
                 break;
             }
         }
