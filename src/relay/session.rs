@@ -53,12 +53,13 @@ enum Event {
     /// Boxed: an `Upstream` is 248 bytes, and every event, a relayed
     /// message most of the time, was moved at the size of the largest.
     Connected(Result<Box<Upstream>, Error>),
-    /// A browser's read, and how much of its message the poll already
-    /// wrote to the upstream (`relay_up`).
-    Browser(Result<Option<Msg>, WireError>, usize),
-    /// The upstream's read, and how much of its message the poll already
-    /// wrote to the browser (`relay_down`).
-    Upstream(Result<Option<Msg>, WireError>, usize),
+    Browser(Result<Option<Msg>, WireError>),
+    Upstream(Result<Option<Msg>, WireError>),
+    /// A write the poll started waits for its peer: the loop's turn arms
+    /// the write timeout.
+    Writing,
+    UpstreamWriteFailed,
+    BrowserWriteFailed,
     Timer,
 }
 
@@ -73,7 +74,10 @@ const CONNECTING: usize = 1;
 const BROWSER: usize = 2;
 const UPSTREAM: usize = 3;
 const TIMER: usize = 4;
-const SOURCES: usize = 5;
+/// A frame a socket took in part, finished as the socket takes more.
+const UP_WRITE: usize = 5;
+const DOWN_WRITE: usize = 6;
+const SOURCES: usize = 7;
 
 /// Not `Send`: it runs where it was made, on the session's event loop, and
 /// the socket it makes belongs there.
@@ -89,6 +93,9 @@ struct State {
     /// The runtime's reply to our `hello` is the next text frame: ours, not
     /// the browser's.
     swallow_hello: bool,
+    /// The outbox's next unsent frame is the upstream's pending write: it
+    /// is marked sent once that write is done.
+    flushing: bool,
     retry_at: Option<Instant>,
     backoff: Option<ExponentialBackoff>,
     failing_since: Option<Instant>,
@@ -129,15 +136,6 @@ async fn close_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
-}
-
-/// Writes every frame the current upstream has not seen yet.
-async fn flush_outbox(up: &mut Upstream, outbox: &mut Outbox) -> std::io::Result<()> {
-    while let Some(m) = outbox.next_unsent() {
-        up.send_wire(m).await?;
-        outbox.mark_sent();
-    }
-    Ok(())
 }
 
 /// A connection attempt to the runtime, bounded by the connect timeout.
@@ -198,6 +196,7 @@ where
         wanted: false,
         last_activity: now,
         swallow_hello: false,
+        flushing: false,
         retry_at: None,
         backoff: None,
         failing_since: None,
@@ -240,6 +239,16 @@ where
                 .min(st.next_lease)
                 .min(st.last_activity + cfg.idle_timeout);
         }
+        // A write the poll left waiting may wait this long (as `send_wire`'s).
+        for since in [
+            browser.writing_since(),
+            up.as_ref().and_then(|w| w.writing_since()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            deadline = deadline.min(since + cfg.write_timeout);
+        }
         if deadline < timer_at {
             timer_at = deadline;
             sleep.as_mut().reset(deadline);
@@ -263,21 +272,64 @@ where
             {
                 return Poll::Ready(Event::Connected(r.map(Box::new)));
             }
+            // Each side's writes go on in the poll, and a side is read only
+            // while the other is not still writing: so each direction waits
+            // for its own peer alone, and a runtime that stops reading
+            // until its reply is taken cannot deadlock with us.
+            let mut started = false;
+            if let Some(ws) = up.as_mut() {
+                if ws.is_writing()
+                    && wake.take(UP_WRITE)
+                    && let Poll::Ready(Err(_)) = ws.poll_pending(&mut wake.context(UP_WRITE))
+                {
+                    return Poll::Ready(Event::UpstreamWriteFailed);
+                }
+                // Done here or by the loop's last write.
+                if st.flushing && !ws.is_writing() {
+                    st.flushing = false;
+                    st.outbox.mark_sent();
+                }
+                while !ws.is_writing()
+                    && let Some(frame) = st.outbox.next_unsent()
+                {
+                    if ws.try_relay(frame).is_err() {
+                        return Poll::Ready(Event::UpstreamWriteFailed);
+                    }
+                    if ws.is_writing() {
+                        st.flushing = true;
+                        wake.mark(UP_WRITE);
+                        started = true;
+                    } else {
+                        st.outbox.mark_sent();
+                    }
+                }
+            }
+            if browser.is_writing()
+                && wake.take(DOWN_WRITE)
+                && let Poll::Ready(Err(_)) = browser.poll_pending(&mut wake.context(DOWN_WRITE))
+            {
+                return Poll::Ready(Event::BrowserWriteFailed);
+            }
             // Messages that need nothing of the loop are relayed here, in
             // the poll (`relay_up`, `relay_down`); any other comes out as
             // an event.
             let mut relayed = 0;
-            while wake.take(BROWSER)
+            while !up.as_ref().is_some_and(Upstream::is_writing)
+                && wake.take(BROWSER)
                 && let Poll::Ready(r) = browser.poll_next(&mut wake.context(BROWSER))
             {
                 // Not registered yet: there may be more in its buffer.
                 wake.mark(BROWSER);
                 let msg = match r {
                     Ok(Some(msg)) => msg,
-                    r => return Poll::Ready(Event::Browser(r, 0)),
+                    r => return Poll::Ready(Event::Browser(r)),
                 };
-                if let Err((msg, sent)) = relay_up(msg, up.as_mut(), &mut st, &frames_up) {
-                    return Poll::Ready(Event::Browser(Ok(Some(msg)), sent));
+                if let Err(msg) = relay_up(msg, up.as_mut(), &mut st, &frames_up) {
+                    return Poll::Ready(Event::Browser(Ok(Some(msg))));
+                }
+                if up.as_ref().is_some_and(Upstream::is_writing) {
+                    wake.mark(UP_WRITE);
+                    started = true;
                 }
                 relayed += 1;
                 if relayed == RELAY_BUDGET {
@@ -286,22 +338,30 @@ where
                 }
             }
             while let Some(ws) = up.as_mut()
+                && !browser.is_writing()
                 && wake.take(UPSTREAM)
                 && let Poll::Ready(r) = ws.poll_next(&mut wake.context(UPSTREAM))
             {
                 wake.mark(UPSTREAM);
                 let msg = match r {
                     Ok(Some(msg)) => msg,
-                    r => return Poll::Ready(Event::Upstream(r, 0)),
+                    r => return Poll::Ready(Event::Upstream(r)),
                 };
-                if let Err((msg, sent)) = relay_down(msg, &mut browser, &mut st, &frames_down) {
-                    return Poll::Ready(Event::Upstream(Ok(Some(msg)), sent));
+                if let Err(msg) = relay_down(msg, &mut browser, &mut st, &frames_down) {
+                    return Poll::Ready(Event::Upstream(Ok(Some(msg))));
+                }
+                if browser.is_writing() {
+                    wake.mark(DOWN_WRITE);
+                    started = true;
                 }
                 relayed += 1;
                 if relayed == RELAY_BUDGET {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
+            }
+            if started {
+                return Poll::Ready(Event::Writing);
             }
             if wake.take(TIMER) && sleep.as_mut().poll(&mut wake.context(TIMER)).is_ready() {
                 return Poll::Ready(Event::Timer);
@@ -346,7 +406,14 @@ where
                     }
                 }
             }
-            Event::Browser(msg, sent) => {
+            Event::Writing => {}
+            Event::BrowserWriteFailed => break End::BrowserGone,
+            Event::UpstreamWriteFailed => {
+                if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {
+                    break End::Refused(e);
+                }
+            }
+            Event::Browser(msg) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break End::BrowserGone,
@@ -385,8 +452,15 @@ where
                             && st.outbox.pass_through()
                         {
                             frames_up.inc();
-                            if ws.send_wire(&msg.wire[sent..]).await.is_err() {
-                                on_upstream_lost(&relay, &mut st, &mut up, &span);
+                            // As `relay_up` writes: the poll finishes it.
+                            if ws.try_relay(&msg.wire).is_ok() {
+                                if ws.is_writing() {
+                                    wake.mark(UP_WRITE);
+                                }
+                            } else {
+                                if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {
+                                    break End::Refused(e);
+                                }
                                 // Not written: held for the next connection,
                                 // as it would have been if queued.
                                 let len = msg.len();
@@ -421,14 +495,10 @@ where
                         break End::BrowserClosed;
                     }
                 }
+                // Written by the poll, which flushes the outbox first.
                 frames_up.inc();
-                if let Some(ws) = up.as_mut()
-                    && flush_outbox(ws, &mut st.outbox).await.is_err()
-                {
-                    on_upstream_lost(&relay, &mut st, &mut up, &span);
-                }
             }
-            Event::Upstream(msg, sent) => {
+            Event::Upstream(msg) => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Err(WireError::TooBig(_)) => {
@@ -437,7 +507,9 @@ where
                         ));
                     }
                     Ok(None) | Err(_) => {
-                        on_upstream_lost(&relay, &mut st, &mut up, &span);
+                        if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {
+                            break End::Refused(e);
+                        }
                         continue;
                     }
                 };
@@ -451,8 +523,10 @@ where
                     }
                     Kind::Binary => {}
                     Kind::Ping => {
-                        if up.as_mut().expect("guarded").pong(&msg).await.is_err() {
-                            on_upstream_lost(&relay, &mut st, &mut up, &span);
+                        if up.as_mut().expect("guarded").pong(&msg).await.is_err()
+                            && let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span)
+                        {
+                            break End::Refused(e);
                         }
                         continue;
                     }
@@ -460,12 +534,14 @@ where
                     Kind::Close => {
                         let ws = up.as_mut().expect("guarded");
                         let _ = ws.close(msg.close_code(), "").await;
-                        on_upstream_lost(&relay, &mut st, &mut up, &span);
+                        if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {
+                            break End::Refused(e);
+                        }
                         continue;
                     }
                 }
                 frames_down.inc();
-                if browser.send_wire(&msg.wire[sent..]).await.is_err() {
+                if browser.send_wire(&msg.wire).await.is_err() {
                     break End::BrowserGone;
                 }
                 note_ack(&msg, &mut st.outbox);
@@ -477,6 +553,19 @@ where
                 timer_at = now + NEVER;
                 if st.retry_at.is_some_and(|t| t <= now) {
                     st.retry_at = None;
+                }
+                // A peer that stopped reading must not hold the session (as
+                // `send_wire`'s timeout).
+                let stalled = |since: Option<Instant>| since.is_some_and(|t| now >= t + cfg.write_timeout);
+                if stalled(browser.writing_since()) {
+                    debug!(parent: &span, "the browser stopped reading");
+                    break End::BrowserGone;
+                }
+                if stalled(up.as_ref().and_then(|w| w.writing_since())) {
+                    debug!(parent: &span, "the runtime stopped reading");
+                    if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {
+                        break End::Refused(e);
+                    }
                 }
                 if let Some(ws) = up.as_mut() {
                     if now >= st.last_activity + cfg.idle_timeout {
@@ -492,8 +581,10 @@ where
                     } else {
                         if now >= st.next_keepalive {
                             st.next_keepalive = now + cfg.keepalive_interval;
-                            if ws.ping().await.is_err() {
-                                on_upstream_lost(&relay, &mut st, &mut up, &span);
+                            if ws.ping().await.is_err()
+                                && let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span)
+                            {
+                                break End::Refused(e);
                             }
                         }
                         if now >= st.next_lease {
@@ -549,36 +640,33 @@ where
 
 /// A browser's message written to the runtime inside the session's poll,
 /// when it needs nothing of the loop: a text frame that is not a `hello`
-/// and carries no id, with nothing queued before it, taken whole by the
-/// upstream at once. That is most messages' path, and taking it in the poll
-/// spares each such message the loop's turn (its event, its match, a write
-/// future): see docs/relay.md, session 11. Any other message goes back
-/// with how much of it was written (0 unless the upstream took only part),
-/// and the loop does with it what it does with every message it reads.
-fn relay_up(
-    msg: Msg,
-    up: Option<&mut Upstream>,
-    st: &mut State,
-    frames: &Counter,
-) -> Result<(), (Msg, usize)> {
+/// and carries no id, with nothing queued before it. The upstream takes it
+/// at once, or what it has room for, the rest finished by later polls
+/// (`Socket::try_relay`). That is most messages' path, and taking it in the
+/// poll spares each such message the loop's turn (its event, its match, a
+/// write future): see docs/relay.md, session 11. Any other message goes
+/// back, and the loop does with it what it does with every message it
+/// reads.
+fn relay_up(msg: Msg, up: Option<&mut Upstream>, st: &mut State, frames: &Counter) -> Result<(), Msg> {
     let Some(ws) = up else {
-        return Err((msg, 0));
+        return Err(msg);
     };
     if msg.kind != Kind::Text {
-        return Err((msg, 0));
+        return Err(msg);
     }
     // One that may name an id or a hello is read by the loop, unmasked.
     let (payload, mask) = msg.masked_payload();
     if outbox::may_matter(payload, mask) {
-        return Err((msg, 0));
+        return Err(msg);
     }
     st.last_activity = Instant::now();
     st.wanted = true;
     if !st.outbox.pass_through() {
-        return Err((msg, 0));
+        return Err(msg);
     }
-    if let Err(written) = write_now(ws, &msg.wire) {
-        return Err((msg, written));
+    if ws.try_relay(&msg.wire).is_err() {
+        // Nothing written: the loop's write meets the error and handles it.
+        return Err(msg);
     }
     frames.inc();
     Ok(())
@@ -586,42 +674,22 @@ fn relay_up(
 
 /// The runtime's message written to the browser inside the session's poll
 /// (as [`relay_up`]): a text or binary frame, unless it may be the reply to
-/// our `hello`, taken whole by the browser's socket at once.
-fn relay_down<S>(
-    msg: Msg,
-    browser: &mut Socket<S>,
-    st: &mut State,
-    frames: &Counter,
-) -> Result<(), (Msg, usize)>
+/// our `hello`.
+fn relay_down<S>(msg: Msg, browser: &mut Socket<S>, st: &mut State, frames: &Counter) -> Result<(), Msg>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match msg.kind {
         Kind::Binary => {}
         Kind::Text if !st.swallow_hello => {}
-        _ => return Err((msg, 0)),
+        _ => return Err(msg),
     }
-    if let Err(written) = write_now(browser, &msg.wire) {
-        return Err((msg, written));
+    if browser.try_relay(&msg.wire).is_err() {
+        return Err(msg);
     }
     frames.inc();
     note_ack(&msg, &mut st.outbox);
     Ok(())
-}
-
-/// `wire` written to `to` at once and whole, or how much of it was, for the
-/// loop to finish; after an error nothing was written, and the loop's write
-/// meets the error and handles it. (The message itself is not passed: moved
-/// in and out, it cost each round trip about 50 instructions: callgrind.)
-fn write_now<S>(to: &mut Socket<S>, wire: &[u8]) -> Result<(), usize>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match to.try_send_wire(wire) {
-        Ok(None) => Ok(()),
-        Ok(Some(written)) => Err(written),
-        Err(_) => Err(0),
-    }
 }
 
 /// Acks are read after the frame is forwarded: off its path to the
@@ -654,7 +722,6 @@ async fn on_connected(
         debug!("upstream connected");
     }
     st.swallow_hello = true;
-    flush_outbox(&mut ws, &mut st.outbox).await?;
     st.failing_since = None;
     st.backoff = None;
     let now = Instant::now();
@@ -665,15 +732,30 @@ async fn on_connected(
 }
 
 /// The upstream went away under a live session (the VM slept, the runtime
-/// restarted for an update): drop it and reconnect at once.
-fn on_upstream_lost(relay: &Relay, st: &mut State, up: &mut Option<Upstream>, span: &Span) {
-    *up = None;
+/// restarted for an update): drop it and reconnect at once. A frame it was
+/// still writing goes again on the next connection: an outbox frame is
+/// still there, unsent; a passed-through one is queued (and the outbox may
+/// be full: the session's error).
+fn on_upstream_lost(
+    relay: &Relay,
+    st: &mut State,
+    up: &mut Option<Upstream>,
+    span: &Span,
+) -> Result<(), Error> {
+    if let Some(wire) = up.take().and_then(|mut ws| ws.take_pending())
+        && !std::mem::take(&mut st.flushing)
+    {
+        let len = wire.len();
+        st.outbox.push_text(wire, len, None)?;
+    }
+    st.flushing = false;
     relay.metrics.upstream_drops.inc();
     info!(parent: span, unacked = st.outbox.unacked(), "upstream closed: reconnecting");
     st.swallow_hello = false;
     st.retry_at = Some(Instant::now());
     st.next_keepalive = Instant::now() + NEVER;
     st.next_lease = Instant::now() + NEVER;
+    Ok(())
 }
 
 /// A connection attempt failed: try again after a jittered backoff, until

@@ -213,6 +213,16 @@ pub struct Socket<S> {
     rbuf: BytesMut,
     limits: Limits,
     partial: Option<Partial>,
+    /// A frame the socket took in part ([`Socket::try_relay`]), how far it
+    /// got, and since when it waits: finished before anything else is
+    /// written, so nothing interleaves with it.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    wire: Bytes,
+    at: usize,
+    since: tokio::time::Instant,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
@@ -226,6 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             rbuf,
             limits,
             partial: None,
+            pending: None,
         }
     }
 
@@ -369,23 +380,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         Ok(Some(written))
     }
 
-    /// [`Self::try_send_wire`], then the rest with the task's waker. The
+    /// Writes `wire` now as far as the socket takes it; the rest stays
+    /// [pending](Self::is_writing), for [`Self::poll_pending`] (or the next
+    /// write of any kind) to finish. Call it only when nothing is pending.
+    /// An error means nothing was written.
+    pub fn try_relay(&mut self, wire: &Bytes) -> io::Result<()> {
+        debug_assert!(self.pending.is_none(), "a frame is still being written");
+        if let Some(at) = self.try_send_wire(wire)? {
+            self.pending = Some(Pending {
+                wire: wire.clone(),
+                at,
+                since: tokio::time::Instant::now(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a frame taken in part is still being written.
+    pub fn is_writing(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Since when the pending frame waits for the peer, if there is one.
+    pub fn writing_since(&self) -> Option<tokio::time::Instant> {
+        self.pending.as_ref().map(|p| p.since)
+    }
+
+    /// Writes on the pending frame; `Ready(Ok)` once there is none.
+    pub fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(p) = &mut self.pending {
+            if p.at < p.wire.len() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &p.wire[p.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                p.at += n;
+                continue;
+            }
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.pending = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The pending frame, whole, taken off the socket (its connection is
+    /// being given up: the frame can go again on another).
+    pub fn take_pending(&mut self) -> Option<Bytes> {
+        self.pending.take().map(|p| p.wire)
+    }
+
+    /// [`Self::try_send_wire`], then the rest with the task's waker; a
+    /// pending frame is finished first. The
     /// timer is armed only if the socket cannot take the frames at once: a
     /// timer per message would cost every message a trip through the timer
     /// wheel, and the `write_all` future alone made the path of every
     /// relayed message longer (callgrind).
     pub async fn send_wire(&mut self, wire: &[u8]) -> io::Result<()> {
-        let Some(written) = self.try_send_wire(wire)? else {
-            return Ok(());
+        let written = match self.pending {
+            None => match self.try_send_wire(wire)? {
+                None => return Ok(()),
+                Some(written) => written,
+            },
+            Some(_) => 0,
         };
         let rest = &wire[written..];
+        let (timers, limit) = (self.limits.timers.clone(), self.limits.write_timeout);
         let write = async {
+            std::future::poll_fn(|cx| self.poll_pending(cx)).await?;
             self.io.write_all(rest).await?;
             self.io.flush().await
         };
-        self.limits
-            .timers
-            .timeout(self.limits.write_timeout, write)
+        timers
+            .timeout(limit, write)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?
     }

@@ -808,30 +808,52 @@ async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() {
 }
 
 /// Large frames both ways, faster than the sockets drain: the session's
-/// poll writes what a socket has room for, and the session loop finishes
-/// the rest of the frame (a mistake in where it resumes duplicates or drops
-/// bytes). Every frame arrives whole, once,
-/// in order, text and binary alike, with its bytes unchanged.
+/// poll writes what a socket has room for and finishes the rest as the
+/// socket takes more (a mistake in where it resumes duplicates or drops
+/// bytes). Every frame arrives whole, once, in order, text and binary
+/// alike, with its bytes unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_frames_written_in_parts_arrive_whole_and_in_order() {
+    large_frames_both_ways("1a46e000111122223333444455556666", false).await;
+}
+
+/// The same against a runtime that stops reading until its reply is taken,
+/// as the runtime's server does (it awaits each reply inside its read
+/// loop): with both directions full, a relay that waited on one write at a
+/// time, reading neither side meanwhile, deadlocked with it until the write
+/// timeout (this test hung in 1 to 3 runs of 4 against that session loop,
+/// session 11: the deadlock needs both buffers full at once). Each
+/// direction now waits for its own peer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_full_against_a_runtime_that_replies_before_reading_on() {
+    large_frames_both_ways("1a46e000111122223333444455557777", true).await;
+}
+
+/// `coupled`: the runtime's stand-in reads its next frame only once its
+/// last echo is written; else it reads on while its echoes wait.
+async fn large_frames_both_ways(token: &str, coupled: bool) {
     const FRAMES: usize = 48;
     const SIZE: usize = 192 * 1024;
-    let token = "1a46e000111122223333444455556666";
     // The runtime's stand-in: echoes every data frame as it came, after a
-    // pause in which the relay's writes to it fill its socket. It reads on
-    // while its echoes wait to be written (a task each way). One that stops
-    // reading until its write is taken, as the runtime's server does (it
-    // awaits each reply in its read loop), can deadlock with the relay
-    // when both directions are full: the relay waits on one write at a
-    // time (docs/relay.md, open points). This test is about the offsets.
+    // pause in which the relay's writes to it fill its socket.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
     tokio::spawn(async move {
         let (tcp, _) = upstream.accept().await.unwrap();
-        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        let (mut tx, mut rx) = ws.split();
-        rx.next().await; // the relay's hello
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.next().await; // the relay's hello
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if coupled {
+            // Each echo written before the next read, as the runtime does.
+            while let Some(Ok(m)) = ws.next().await {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+            return;
+        }
+        // A task each way: it reads on while its echoes wait.
+        let (mut tx, mut rx) = ws.split();
         let (echo_tx, mut echo_rx) = tokio::sync::mpsc::channel::<Message>(FRAMES);
         tokio::spawn(async move {
             while let Some(m) = echo_rx.recv().await {
@@ -846,7 +868,12 @@ async fn large_frames_written_in_parts_arrive_whole_and_in_order() {
             }
         }
     });
-    let handle = start_fixed_relay(fixed_directory("large", token), upstream_addr, |_| {}).await;
+    let handle = start_fixed_relay(
+        fixed_directory(if coupled { "coupled" } else { "large" }, token),
+        upstream_addr,
+        |_| {},
+    )
+    .await;
     let browser = connect_browser(&handle, token, "").await.unwrap();
     let (mut tx, mut rx) = browser.split();
     // Frame i: text for even i, binary for odd, its bytes all different.
