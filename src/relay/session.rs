@@ -581,7 +581,7 @@ where
                     } else {
                         if now >= st.next_keepalive {
                             st.next_keepalive = now + cfg.keepalive_interval;
-                            if ws.ping().await.is_err()
+                            if ws.try_ping().is_err()
                                 && let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span)
                             {
                                 break End::Refused(e);
@@ -595,10 +595,13 @@ where
                 }
                 if now >= st.next_browser_ping {
                     st.next_browser_ping = now + cfg.browser_ping_interval;
-                    if browser.ping().await.is_err() {
+                    if browser.try_ping().is_err() {
                         break End::BrowserGone;
                     }
                 }
+                // A ping the socket took in part is finished by the poll.
+                wake.mark(UP_WRITE);
+                wake.mark(DOWN_WRITE);
             }
         }
     };

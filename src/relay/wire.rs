@@ -457,22 +457,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 
     /// Writes a frame of the relay's own, masked if we are the client.
-    pub async fn send(&mut self, mut frame: Frame) -> io::Result<()> {
+    pub async fn send(&mut self, frame: Frame) -> io::Result<()> {
+        let out = self.encode(frame)?;
+        self.send_wire(&out).await
+    }
+
+    fn encode(&self, mut frame: Frame) -> io::Result<Vec<u8>> {
         if self.role == Role::Client {
             frame.header_mut().mask = Some(rand::random());
         }
         let mut out = Vec::with_capacity(frame.len());
         frame.format(&mut out).map_err(io::Error::other)?;
-        self.send_wire(&out).await
+        Ok(out)
+    }
+
+    /// A ping, without waiting: written as [`Self::try_relay`] writes, or
+    /// not at all while a frame is still being written (the connection is
+    /// busy, which keeps it alive as well as a ping would). Waiting here
+    /// would hold the session's loop on this peer alone.
+    pub fn try_ping(&mut self) -> io::Result<()> {
+        if self.is_writing() {
+            return Ok(());
+        }
+        let out = Bytes::from(self.encode(Frame::ping(Bytes::new()))?);
+        self.try_relay(&out)
     }
 
     pub async fn send_text(&mut self, text: String) -> io::Result<()> {
         self.send(Frame::message(text, OpCode::Data(Data::Text), true))
             .await
-    }
-
-    pub async fn ping(&mut self) -> io::Result<()> {
-        self.send(Frame::ping(Bytes::new())).await
     }
 
     /// Answers a ping with its payload.

@@ -918,3 +918,52 @@ async fn large_frames_both_ways(token: &str, coupled: bool) {
     browser.close(None).await.unwrap();
     handle.shutdown().await;
 }
+
+/// While a session is live the relay pings the runtime (keeping its VM
+/// awake) and the browser, each at its interval; the pings go out without
+/// the loop waiting on them (`Socket::try_ping`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_pings_the_runtime_and_the_browser_at_their_intervals() {
+    let token = "0a1e0000111122223333444455556666";
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (pings_tx, mut pings_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_ping() {
+                let _ = pings_tx.send(());
+            }
+        }
+    });
+    let handle = start_fixed_relay(fixed_directory("pings", token), upstream_addr, |c| {
+        c.keepalive_interval = Duration::from_millis(100);
+        c.browser_ping_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut browser = connect_browser(&handle, token, "").await.unwrap();
+    // A data frame makes the session connect its upstream.
+    send(&mut browser, json!({"type": "note", "payload": "x"})).await;
+    let mut browser_pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, browser.next()).await {
+        if m.is_ping() {
+            browser_pings += 1;
+        }
+    }
+    let mut runtime_pings = 0;
+    while pings_rx.try_recv().is_ok() {
+        runtime_pings += 1;
+    }
+    assert!(
+        browser_pings >= 3,
+        "{browser_pings} pings to the browser in 800 ms"
+    );
+    assert!(
+        runtime_pings >= 3,
+        "{runtime_pings} pings to the runtime in 800 ms"
+    );
+    browser.close(None).await.unwrap();
+    handle.shutdown().await;
+}
