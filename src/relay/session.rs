@@ -5,8 +5,10 @@
 //!
 //! One task per session, one loop over its event sources (polled only when
 //! they woke: `wakeups`), no channels: the sockets' own
-//! bounded buffers and the bounded outbox are the only queues, and a slow
-//! side slows the other down (backpressure) instead of growing memory.
+//! bounded buffers, a frame in part per socket and the bounded outbox are
+//! the only queues. A peer that reads slowly stops the reading of what goes
+//! to it (backpressure) instead of growing memory, and only that: each
+//! direction waits for its own peer (docs/relay.md, session 11).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -707,7 +709,8 @@ fn note_ack(msg: &Msg, outbox: &mut Outbox) {
     }
 }
 
-/// A fresh upstream: name the session, resend what was never acked, start
+/// A fresh upstream: name the session, rewind the outbox (what was never
+/// acked goes again, written by the session's poll), start
 /// keepalive and the lease.
 async fn on_connected(
     relay: &Relay,
