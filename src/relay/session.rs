@@ -60,6 +60,10 @@ enum Event {
     /// A write the poll started waits for its peer: the loop's turn arms
     /// the write timeout.
     Writing,
+    /// The poll relayed its budget of messages: the loop's turn (which arms
+    /// the write timeout of a write started meanwhile), then the event
+    /// loop's other tasks.
+    Yield,
     UpstreamWriteFailed,
     BrowserWriteFailed,
     Timer,
@@ -335,8 +339,7 @@ where
                 }
                 relayed += 1;
                 if relayed == RELAY_BUDGET {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                    return Poll::Ready(Event::Yield);
                 }
             }
             while let Some(ws) = up.as_mut()
@@ -358,8 +361,7 @@ where
                 }
                 relayed += 1;
                 if relayed == RELAY_BUDGET {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                    return Poll::Ready(Event::Yield);
                 }
             }
             if started {
@@ -409,6 +411,17 @@ where
                 }
             }
             Event::Writing => {}
+            Event::Yield => {
+                let mut yielded = false;
+                std::future::poll_fn(|cx| {
+                    if std::mem::replace(&mut yielded, true) {
+                        return Poll::Ready(());
+                    }
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                })
+                .await;
+            }
             Event::BrowserWriteFailed => break End::BrowserGone,
             Event::UpstreamWriteFailed => {
                 if let Err(e) = on_upstream_lost(&relay, &mut st, &mut up, &span) {

@@ -967,3 +967,46 @@ async fn the_relay_pings_the_runtime_and_the_browser_at_their_intervals() {
     browser.close(None).await.unwrap();
     handle.shutdown().await;
 }
+
+/// More frames in one burst than a poll relays before it yields (the
+/// session's budget of 64): the session yields and goes on, and every
+/// frame is relayed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_poll_budget_is_relayed_whole() {
+    use tokio::io::AsyncWriteExt;
+    const BURST: usize = 300;
+    let token = "b0a5e000111122223333444455556666";
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.next().await; // the relay's hello
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_text() && ws.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let handle = start_fixed_relay(fixed_directory("burst2", token), upstream_addr, |_| {}).await;
+    let mut browser = connect_browser(&handle, token, "").await.unwrap();
+    // The first frame connects the upstream; the burst then comes at once.
+    send(&mut browser, json!({"type": "note", "payload": 0})).await;
+    assert_eq!(next_json(&mut browser, 5).await.unwrap()["payload"], json!(0));
+    let mut burst = Vec::new();
+    for i in 1..=BURST {
+        burst.extend(text_frame(&format!(r#"{{"type":"note","payload":{i}}}"#), true));
+    }
+    match browser.get_mut() {
+        MaybeTlsStream::Plain(tcp) => tcp.write_all(&burst).await.unwrap(),
+        _ => unreachable!("plain ws://"),
+    }
+    for i in 1..=BURST {
+        let v = next_json(&mut browser, 5)
+            .await
+            .unwrap_or_else(|e| panic!("frame {i}: {e}"));
+        assert_eq!(v["payload"], json!(i), "in order");
+    }
+    browser.close(None).await.unwrap();
+    handle.shutdown().await;
+}
