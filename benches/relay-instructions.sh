@@ -51,6 +51,7 @@ apiVersion: sprite-operator.dev/v1alpha1
 kind: Sprite
 metadata: {name: bench-primary, namespace: bench}
 spec: {userRef: {name: bench}}
+status: {ownedVm: {name: bench-bench-primary, id: bench-bench-primary}}
 EOF
 cat >"$work/nginx.conf" <<EOF
 daemon off; master_process off; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx.log;

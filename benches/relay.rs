@@ -199,7 +199,7 @@ fn start_relay_bin(bin: &std::ffi::OsStr, dir: &Path, upstream: Upstream) -> (Pr
         "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: bench, namespace: bench}}\n\
          spec: {{email: bench@example.com, subject: bench, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
          apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: bench-primary, namespace: bench}}\n\
-         spec: {{userRef: {{name: bench}}}}\n",
+         spec: {{userRef: {{name: bench}}}}\nstatus: {{ownedVm: {{name: {SIM_VM}, id: {SIM_VM}}}}}\n",
         sprite_operator::relay::gateway_token_sha256(TOKEN)
     );
     let file = dir.join("directory.yaml");

@@ -23,6 +23,42 @@ pub struct OperatorConfig {
     /// (Sprites.dev sleeps ~30 s after the last activity).
     #[serde(with = "humantime_serde_compat")]
     pub idle_tail: Duration,
+    /// Which Secrets a Sprite's `server.env` may name.
+    pub secret_references: SecretReferences,
+}
+
+/// The platform team's rule for Secrets that Sprites name: the controller
+/// reads them on a tenant's behalf, so a tenant who may create Sprites but
+/// not read Secrets must not get a Secret's value into its VM by naming it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SecretReferences {
+    /// `key=value` (or just `key`) that a named Secret must carry; empty:
+    /// any Secret but those that are never allowed (a User's gateway Secret,
+    /// a service-account token).
+    pub required_label: String,
+}
+
+impl Default for SecretReferences {
+    fn default() -> Self {
+        Self {
+            required_label: format!("{}=true", crate::api::sprite::SPRITE_ENV_LABEL),
+        }
+    }
+}
+
+impl SecretReferences {
+    /// The label's key and, when one is required, its value.
+    pub fn required(&self) -> Option<(&str, Option<&str>)> {
+        let rule = self.required_label.trim();
+        if rule.is_empty() {
+            return None;
+        }
+        Some(match rule.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (rule, None),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +110,7 @@ impl Default for OperatorConfig {
             tiers,
             pip_args: vec![],
             idle_tail: Duration::from_secs(30),
+            secret_references: SecretReferences::default(),
         }
     }
 }
@@ -106,6 +143,9 @@ impl OperatorConfig {
         cfg.tiers.extend(partial.tiers);
         if let Some(p) = partial.pip_args {
             cfg.pip_args = p;
+        }
+        if let Some(r) = partial.secret_references {
+            cfg.secret_references = r;
         }
         if let Some(d) = partial.idle_tail {
             cfg.idle_tail = humantime::parse_duration(&d).map_err(|e| format!("idleTail: {e}"))?;
@@ -150,6 +190,8 @@ struct PartialConfig {
     pip_args: Option<Vec<String>>,
     #[serde(default)]
     idle_tail: Option<String>,
+    #[serde(default)]
+    secret_references: Option<SecretReferences>,
 }
 
 /// Optional durations as humantime strings.

@@ -54,9 +54,12 @@ struct ControllerArgs {
     /// Address of the /metrics, /healthz and /readyz server.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: String,
-    /// Only watch this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Only watch these namespaces, comma-separated (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
+    /// Namespace of the relay's session Leases (default: each Sprite's own).
+    #[arg(long, env = "SESSION_LEASE_NAMESPACE")]
+    session_lease_namespace: Option<String>,
     /// Take a coordination.k8s.io Lease before reconciling, so that only one
     /// replica acts at a time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -118,9 +121,13 @@ struct RelayArgs {
     /// Give up reconnecting to a VM after this long (1013).
     #[arg(long, default_value = "60s")]
     upstream_retry_for: humantime::Duration,
-    /// How far ahead the session annotation on the Sprite points (refreshed at half of it).
+    /// How long a session Lease says a session lasts (renewed at half of it).
     #[arg(long, default_value = "2m")]
     session_lease: humantime::Duration,
+    /// Namespace of the session Leases (default: each Sprite's own); the
+    /// relay needs write access to Leases there and nowhere else.
+    #[arg(long, env = "SESSION_LEASE_NAMESPACE")]
+    session_lease_namespace: Option<String>,
     /// Read buffer of each WebSocket (two per session), allocated up front:
     /// most of an idle session's memory. Larger favours throughput of big frames.
     #[arg(long, default_value_t = 4096)]
@@ -276,25 +283,23 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         Some(path) => OperatorConfig::load(path).map_err(|e| e.to_string())?,
         None => OperatorConfig::default(),
     };
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        sprites,
-        config,
-        Arc::new(controller::SystemClock),
-    ));
+    let ctx = Arc::new(
+        controller::Context::new(client.clone(), sprites, config, Arc::new(controller::SystemClock))
+            .with_session_lease_namespace(args.session_lease_namespace.clone()),
+    );
     let shutdown = shutdown_token();
     let addr: std::net::SocketAddr = args
         .metrics_addr
         .parse()
         .map_err(|e| format!("--metrics-addr: {e}"))?;
     let metrics = tokio::spawn(controller::serve_metrics(addr, ctx.clone(), shutdown.clone()));
-    let namespace = args.namespace.clone();
+    let namespace = controller::Scope::from(args.namespace.clone());
     if args.leader_election {
         let settings = controller::leader::LeaseSettings {
             namespace: args
                 .lease_namespace
                 .clone()
-                .or_else(|| args.namespace.clone())
+                .or_else(|| args.namespace.first().cloned())
                 .unwrap_or_else(|| "default".into()),
             name: "sprite-operator-controller".into(),
             identity: std::env::var("POD_NAME")
@@ -336,8 +341,18 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
         read_buffer_bytes: args.ws_read_buffer_bytes,
         write_timeout: args.write_timeout.into(),
         threads: args.threads,
+        session_lease_namespace: args.session_lease_namespace,
         ..RelayConfig::default()
     };
+    let jwt_configured = args.jwt_hs256_secret_file.is_some() || args.jwks_file.is_some();
+    if jwt_configured && (args.jwt_issuer.is_none() || args.jwt_audience.is_none()) {
+        tracing::warn!(
+            issuer_checked = args.jwt_issuer.is_some(),
+            audience_checked = args.jwt_audience.is_some(),
+            "JWTs are verified without both --jwt-issuer and --jwt-audience: a token the identity \
+             provider minted for any of its applications is accepted here"
+        );
+    }
     let jwt = JwtVerifier::from_files(args.jwt_hs256_secret_file.as_deref(), args.jwks_file.as_deref())
         .map_err(|e| e.to_string())?
         .with_issuer(args.jwt_issuer)

@@ -2,6 +2,7 @@
 //! Types only: the controllers that act on them live in `controller/`.
 
 pub mod conditions;
+pub mod session;
 pub mod sprite;
 pub mod user;
 
@@ -79,10 +80,10 @@ mod tests {
         let s: Sprite = serde_json::from_value(serde_json::json!({
             "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
             "metadata": {"name": "x", "namespace": "team-a"},
-            "spec": {"heartbeat": {"schedule": "*/15 * * * *"}}
+            "spec": {"userRef": {"name": "u"}, "heartbeat": {"schedule": "*/15 * * * *"}}
         }))
         .unwrap();
-        assert_eq!(s.vm_name(), "team-a-x");
+        assert_eq!(s.vm_name(), sprite::default_vm_name("team-a", "x"));
         assert_eq!(s.spec.template.server.port, 8765);
         assert_eq!(
             s.spec.template.server.command,
@@ -106,6 +107,15 @@ mod tests {
             .unwrap();
         let s: Sprite = serde_json::from_value(doc).unwrap();
         assert_eq!(s.vm_name(), "alice-research");
+    }
+
+    #[test]
+    fn a_sprite_without_a_user_does_not_deserialise() {
+        let r: Result<Sprite, _> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
+            "metadata": {"name": "x", "namespace": "team-a"}, "spec": {}
+        }));
+        assert!(r.unwrap_err().to_string().contains("userRef"));
     }
 
     #[test]

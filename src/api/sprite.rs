@@ -14,7 +14,12 @@ pub const UID_LABEL_PREFIX: &str = "sprite-operator.dev/uid=";
 pub const ADOPT_ANNOTATION: &str = "sprite-operator.dev/adopt";
 /// Annotation the relay sets while a browser session is live: the VM is awake
 /// anyway, so `OnWake` updates may run now.
-pub const SESSION_ANNOTATION: &str = "sprite-operator.dev/session-active-until";
+/// Label of a Secret that a Sprite's `server.env` may name, under the
+/// default operator config (`secretReferences.requiredLabel`).
+pub const SPRITE_ENV_LABEL: &str = "sprite-operator.dev/sprite-env";
+/// Label of the objects the operator makes for a User (its gateway Secret,
+/// its primary Sprite); its value is the User's name.
+pub const USER_LABEL: &str = "sprite-operator.dev/user";
 pub const FINALIZER: &str = "sprite-operator.dev/cleanup";
 
 pub const DEFAULT_PORT: i32 = 8765;
@@ -45,8 +50,10 @@ pub const DEFAULT_HEARTBEAT_DURATION: &str = "2m";
 ).message("spriteName is immutable: it names the VM on Sprites.dev").field_path(".spriteName"))]
 #[serde(rename_all = "camelCase")]
 pub struct SpriteSpec {
-    /// Name of the VM on Sprites.dev. Defaults to `<namespace>-<name>`.
-    /// Immutable: renaming would orphan the VM.
+    /// Name of the VM on Sprites.dev. Defaults to `<namespace>-<name>-<hash>`,
+    /// where the hash (10 hex digits of SHA-256 over namespace and name)
+    /// keeps two Sprites of different namespaces apart. Immutable: renaming
+    /// would orphan the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 63),
@@ -54,9 +61,9 @@ pub struct SpriteSpec {
     )]
     pub sprite_name: Option<String>,
 
-    /// The User this Sprite belongs to; it counts against that User's tier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_ref: Option<UserRef>,
+    /// The User this Sprite belongs to: every Sprite counts against a User's
+    /// tier, quota and budget. A Sprite whose User does not exist gets no VM.
+    pub user_ref: UserRef,
 
     /// Stop heartbeats and the runtime server and let the VM sleep; the VM and
     /// its disk are kept. Setting it back to false resumes.
@@ -363,6 +370,11 @@ pub struct SpriteStatus {
     /// The VM's id on Sprites.dev.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sprite_id: Option<String>,
+    /// The VM the controller last saw carrying this Sprite's UID label: the
+    /// only VM the relay routes this Sprite's sessions to. Absent while the
+    /// VM is missing, not yet labelled, or someone else's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_vm: Option<OwnedVm>,
     /// The VM's public URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -418,6 +430,16 @@ pub struct BootstrapStatus {
     pub last_error: Option<String>,
 }
 
+/// A VM seen to carry the Sprite's UID label.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct OwnedVm {
+    /// Its name on Sprites.dev.
+    pub name: String,
+    /// Its id on Sprites.dev: a VM deleted and made again under the same
+    /// name has another.
+    pub id: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActiveHeartbeat {
@@ -428,13 +450,95 @@ pub struct ActiveHeartbeat {
 }
 
 impl Sprite {
-    /// The VM name on Sprites.dev: `spec.spriteName` or `<namespace>-<name>`.
+    /// The VM name on Sprites.dev: `spec.spriteName`; else the name status
+    /// recorded (a VM made under an earlier default keeps its name); else
+    /// [`default_vm_name`].
     pub fn vm_name(&self) -> String {
         if let Some(n) = &self.spec.sprite_name {
             return n.clone();
         }
+        if let Some(n) = self.status.as_ref().and_then(|s| s.sprite_name.as_ref()) {
+            return n.clone();
+        }
         let ns = self.metadata.namespace.as_deref().unwrap_or("default");
         let name = self.metadata.name.as_deref().unwrap_or_default();
-        format!("{ns}-{name}")
+        default_vm_name(ns, name)
+    }
+}
+
+/// Hex digits of the hash in a default VM name (40 bits).
+const VM_NAME_HASH_LEN: usize = 10;
+/// Sprites.dev names, like DNS labels, hold at most 63 characters.
+const VM_NAME_MAX: usize = 63;
+
+/// `<namespace>-<name>` alone is ambiguous (`acme`/`corp-alice` and
+/// `acme-corp`/`alice` give the same string), so the readable part is
+/// followed by a hash of the pair, whose `/` cannot occur in either half.
+/// A collision of the hash still cannot hand a VM to another tenant: a VM is
+/// used only when it carries the Sprite's UID label.
+pub fn default_vm_name(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(format!("{namespace}/{name}").as_bytes()));
+    let hash = &digest[..VM_NAME_HASH_LEN];
+    let readable: String = format!("{namespace}-{name}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(VM_NAME_MAX - VM_NAME_HASH_LEN - 1)
+        .collect();
+    let readable = readable.trim_matches('-');
+    if readable.is_empty() {
+        return hash.to_string();
+    }
+    format!("{readable}-{hash}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_vm_names_keep_namespaces_apart() {
+        let a = default_vm_name("acme", "corp-alice-primary");
+        let b = default_vm_name("acme-corp", "alice-primary");
+        assert_ne!(a, b);
+        assert!(a.starts_with("acme-corp-alice-primary-"), "{a}");
+        for n in [&a, &b] {
+            assert!(n.len() <= 63, "{n}");
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n}"
+            );
+        }
+        let long = default_vm_name(&"n".repeat(63), &format!("{}.x", "s".repeat(250)));
+        assert_eq!(long.len(), 63);
+        assert!(!long.contains('.') && !long.starts_with('-'));
+        assert_ne!(
+            long,
+            default_vm_name(&"n".repeat(63), &format!("{}.y", "s".repeat(250)))
+        );
+    }
+
+    #[test]
+    fn an_explicit_or_recorded_name_wins() {
+        let mut s: Sprite = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
+            "metadata": {"name": "x", "namespace": "ns"}, "spec": {"userRef": {"name": "u"}}
+        }))
+        .unwrap();
+        assert_eq!(s.vm_name(), default_vm_name("ns", "x"));
+        s.status = Some(SpriteStatus {
+            sprite_name: Some("ns-x".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.vm_name(), "ns-x");
+        s.spec.sprite_name = Some("chosen".into());
+        assert_eq!(s.vm_name(), "chosen");
     }
 }

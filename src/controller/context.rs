@@ -1,11 +1,14 @@
 //! What every reconcile shares: clients, configuration, clock, metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use kube::runtime::events::{Recorder, Reporter};
 
+use crate::api::User;
 use crate::config::OperatorConfig;
 use crate::sprites::SpritesClient;
 
@@ -91,6 +94,41 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// VM metadata from the periodic list (decision 3).
     pub vms: super::vm_cache::VmCache,
+    /// Where the relay writes session Leases; None: each Sprite's namespace.
+    pub session_lease_namespace: Option<String>,
+    /// The watch caches the reconcilers read instead of calling the API.
+    pub stores: Stores,
+}
+
+/// Reflector stores that the controllers' watches fill ([`super::run`]
+/// registers one of each kind per watched namespace).
+#[derive(Default)]
+pub struct Stores {
+    users: RwLock<Vec<Store<User>>>,
+    leases: RwLock<Vec<Store<Lease>>>,
+}
+
+impl Stores {
+    pub(super) fn add_users(&self, store: Store<User>) {
+        self.users.write().unwrap_or_else(|p| p.into_inner()).push(store);
+    }
+
+    pub(super) fn add_leases(&self, store: Store<Lease>) {
+        self.leases.write().unwrap_or_else(|p| p.into_inner()).push(store);
+    }
+
+    /// Every User in every namespace the controller watches.
+    pub fn users(&self) -> Vec<Arc<User>> {
+        let stores = self.users.read().unwrap_or_else(|p| p.into_inner());
+        stores.iter().flat_map(|s| s.state()).collect()
+    }
+
+    /// A session Lease by namespace and name.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
+        let key = ObjectRef::new(name).within(namespace);
+        let stores = self.leases.read().unwrap_or_else(|p| p.into_inner());
+        stores.iter().find_map(|s| s.get(&key))
+    }
 }
 
 impl Context {
@@ -112,7 +150,16 @@ impl Context {
             clock,
             metrics: Arc::new(Metrics::default()),
             vms: super::vm_cache::VmCache::new(super::VM_LIST_INTERVAL),
+            session_lease_namespace: None,
+            stores: Stores::default(),
         }
+    }
+
+    /// Reads the relay's session Leases from `namespace` (the chart's
+    /// release namespace) instead of each Sprite's own.
+    pub fn with_session_lease_namespace(mut self, namespace: Option<String>) -> Self {
+        self.session_lease_namespace = namespace;
+        self
     }
 }
 

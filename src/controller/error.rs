@@ -18,6 +18,9 @@ pub enum Error {
     Runtime(String),
     #[error("secret {0}")]
     Secret(String),
+    /// A Sprite named a Secret it may not read (docs/tenancy.md).
+    #[error("secret {name} may not be used by a Sprite: {why}")]
+    SecretRefused { name: String, why: String },
 }
 
 impl Error {
@@ -29,6 +32,7 @@ impl Error {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Runtime(_) => "runtime_source",
             Error::Secret(_) => "secret",
+            Error::SecretRefused { .. } => "secret_refused",
         }
     }
 
@@ -43,6 +47,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Runtime(_) => "RuntimeUnavailable",
             Error::Secret(_) => "SecretUnavailable",
+            Error::SecretRefused { .. } => "SecretRefused",
         }
     }
 
@@ -52,6 +57,7 @@ impl Error {
         matches!(
             self,
             Error::InvalidSpec(_)
+                | Error::SecretRefused { .. }
                 | Error::Sprites(crate::sprites::Error::Unauthorized { .. })
                 | Error::Sprites(crate::sprites::Error::InvalidRequest(_))
         )

@@ -20,12 +20,16 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::session;
+use crate::api::sprite::USER_LABEL;
 use crate::api::{Sprite, User};
 pub use context::{Clock, Context, OffsetClock, ScaledClock, SystemClock};
 pub use error::Error;
@@ -33,23 +37,38 @@ pub use error::Error;
 /// How often every VM's metadata is listed for steady-state reconciles.
 pub const VM_LIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs the Sprite and User controllers until `shutdown` fires.
-///
-/// Besides Sprites it watches what a Sprite's decisions read: its runtime
-/// ConfigMap (drift), its User (suspension, budget, quota) and its sibling
-/// Sprites (a deleted sibling frees quota). Users watch each other for
-/// shared subjects.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
-    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        <K as kube::Resource>::DynamicType: Default,
-    {
+/// The namespaces the controller watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespaces(Vec<String>),
+}
+
+impl From<Option<String>> for Scope {
+    fn from(ns: Option<String>) -> Scope {
         match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
+            Some(ns) => Scope::Namespaces(vec![ns]),
+            None => Scope::All,
         }
     }
+}
+
+impl From<Vec<String>> for Scope {
+    /// An empty list is every namespace.
+    fn from(list: Vec<String>) -> Scope {
+        let list: Vec<String> = list.into_iter().filter(|n| !n.is_empty()).collect();
+        if list.is_empty() {
+            Scope::All
+        } else {
+            Scope::Namespaces(list)
+        }
+    }
+}
+
+/// Runs the Sprite and User controllers until `shutdown` fires: one pair per
+/// watched namespace (or one for the whole cluster), sharing the context, so
+/// that checks across Users (shared subjects) see every namespace watched.
+pub async fn run(ctx: Arc<Context>, scope: impl Into<Scope>, shutdown: CancellationToken) {
     // Aborted on drop: when `run` itself is aborted (a crash in the tests,
     // a lost lease past its grace) the list loop must not outlive it.
     let _lister = {
@@ -60,6 +79,36 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
                 .await
         }))
     };
+    let namespaces = match scope.into() {
+        Scope::All => vec![None],
+        Scope::Namespaces(list) => list.into_iter().map(Some).collect(),
+    };
+    futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, shutdown.clone())),
+    )
+    .await;
+}
+
+/// The controllers of one namespace (or of all, with None).
+///
+/// Besides Sprites it watches what a Sprite's decisions read: its runtime
+/// ConfigMap (drift), its User (suspension, budget, quota), its sibling
+/// Sprites (a deleted sibling frees quota) and the relay's session Leases.
+/// ConfigMaps and Secrets are watched as metadata only (their data is read
+/// on demand), Secrets only when they are gateway Secrets.
+async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
     let client = &ctx.client;
     let controller = Controller::new(
         api::<Sprite>(client, &namespace),
@@ -67,11 +116,32 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     );
     let store = controller.store();
     let (by_cm, by_user, by_sibling) = (store.clone(), store.clone(), store);
+
+    // Session Leases: in the configured namespace, else in the Sprites' own.
+    let lease_ns = ctx.session_lease_namespace.clone().or_else(|| namespace.clone());
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    ctx.stores.add_leases(leases);
+    let lease_events = reflector::reflector(
+        lease_writer,
+        watcher(
+            api::<Lease>(client, &lease_ns),
+            watcher::Config::default().labels(&format!("{}=true", session::SESSION_LABEL)),
+        )
+        .default_backoff(),
+    )
+    .touched_objects();
+    let configured_lease_ns = ctx.session_lease_namespace.clone();
+    let scope_ns = namespace.clone();
+
     let user_shutdown = shutdown.clone();
     let sprites = controller
-        .watches(
-            api::<ConfigMap>(client, &namespace),
-            watcher::Config::default(),
+        .watches_stream(
+            watcher(
+                api::<PartialObjectMeta<ConfigMap>>(client, &namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .touched_objects(),
             move |cm| {
                 dependents(&by_cm, cm.namespace(), |s| {
                     s.spec
@@ -86,24 +156,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         .watches(
             api::<User>(client, &namespace),
             watcher::Config::default(),
-            move |u| {
-                dependents(&by_user, u.namespace(), |s| {
-                    s.spec.user_ref.as_ref().is_some_and(|r| r.name == u.name_any())
-                })
-            },
+            move |u| dependents(&by_user, u.namespace(), |s| s.spec.user_ref.name == u.name_any()),
         )
         .watches(
             api::<Sprite>(client, &namespace),
             watcher::Config::default(),
             move |sibling| {
-                let Some(user) = sibling.spec.user_ref.clone() else {
-                    return vec![];
-                };
+                let user = sibling.spec.user_ref.name.clone();
                 dependents(&by_sibling, sibling.namespace(), |s| {
-                    s.spec.user_ref.as_ref().is_some_and(|r| r.name == user.name) && s.uid() != sibling.uid()
+                    s.spec.user_ref.name == user && s.uid() != sibling.uid()
                 })
             },
         )
+        .watches_stream(lease_events, move |lease| {
+            session_target(&lease, configured_lease_ns.as_deref(), scope_ns.as_deref())
+        })
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(sprite::reconcile, sprite::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -114,28 +181,35 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         api::<User>(client, &namespace),
         watcher::Config::default().any_semantic(),
     );
-    let user_store = users.store();
+    ctx.stores.add_users(users.store());
+    let peers_ctx = ctx.clone();
     let users = users
-        .owns(api::<Secret>(client, &namespace), watcher::Config::default())
+        .owns_stream(
+            watcher(
+                api::<PartialObjectMeta<Secret>>(client, &namespace),
+                watcher::Config::default().labels(USER_LABEL),
+            )
+            .default_backoff()
+            .touched_objects(),
+        )
         .watches(
             api::<Sprite>(client, &namespace),
             watcher::Config::default(),
             |s| {
                 let ns = s.namespace()?;
-                s.spec
-                    .user_ref
-                    .as_ref()
-                    .map(|r| ObjectRef::<User>::new(&r.name).within(&ns))
+                Some(ObjectRef::<User>::new(&s.spec.user_ref.name).within(&ns))
             },
         )
-        // A User's DuplicateSubject condition depends on the other Users of its
-        // namespace: re-check the ones a change can clear or raise.
+        // A User's DuplicateSubject condition depends on the other Users of
+        // every watched namespace: re-check the ones a change can clear or
+        // raise.
         .watches(
             api::<User>(client, &namespace),
             watcher::Config::default(),
             move |changed| {
-                user_store
-                    .state()
+                peers_ctx
+                    .stores
+                    .users()
                     .iter()
                     .filter(|other| user::subject_peer(&changed, other))
                     .map(|other| ObjectRef::from_obj(other.as_ref()))
@@ -146,6 +220,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         .run(user::reconcile, user::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     futures::join!(sprites, users);
+}
+
+/// The Sprite a session Lease speaks for, if it may speak for it: a Lease
+/// in the configured lease namespace for any Sprite, or (without one) a
+/// Lease in a Sprite's own namespace; always under the name derived from
+/// that Sprite, so a Lease that merely copies the label and annotation
+/// reaches nothing.
+fn session_target(lease: &Lease, configured: Option<&str>, scope: Option<&str>) -> Option<ObjectRef<Sprite>> {
+    let (ns, name) = session::sprite_of(lease)?;
+    let lease_ns = lease.metadata.namespace.as_deref()?;
+    let expected_ns = session::lease_namespace(configured, &ns);
+    let named_right = lease.metadata.name.as_deref() == Some(session::lease_name(&ns, &name).as_str());
+    let in_scope = scope.is_none_or(|s| s == ns);
+    (lease_ns == expected_ns && named_right && in_scope).then(|| ObjectRef::new(&name).within(&ns))
 }
 
 /// Sprites in `ns` (from the controller's own cache) for which `pred` holds.
@@ -180,4 +268,33 @@ pub async fn serve_metrics(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_lease_reaches_only_the_sprite_its_name_and_place_speak_for() {
+        let now: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        let ok = session::lease("ops", "acme", "alice", "relay", now, ttl);
+        assert_eq!(
+            session_target(&ok, Some("ops"), None),
+            Some(ObjectRef::new("alice").within("acme"))
+        );
+        // Outside the controller's namespaces, or in the wrong namespace.
+        assert_eq!(session_target(&ok, Some("ops"), Some("other")), None);
+        assert_eq!(session_target(&ok, None, None), None);
+        // Without a configured namespace, only in the Sprite's own.
+        let own = session::lease("acme", "acme", "alice", "relay", now, ttl);
+        assert!(session_target(&own, None, Some("acme")).is_some());
+        // A tenant's Lease that names another namespace's Sprite.
+        let forged = session::lease("evil", "acme", "alice", "relay", now, ttl);
+        assert_eq!(session_target(&forged, None, None), None);
+        // The right label and annotation under another name.
+        let mut renamed = ok.clone();
+        renamed.metadata.name = Some("sprite-session-0000".into());
+        assert_eq!(session_target(&renamed, Some("ops"), None), None);
+    }
 }

@@ -10,11 +10,21 @@ use jiff::Timestamp;
 
 use crate::api::sprite::{BootstrapStep, DeletionPolicy, UpdateType};
 
+/// Whose a VM is, by the UID labels it carries (decision 17).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmOwner {
+    /// It carries this Sprite's UID label.
+    Us,
+    /// It carries no Sprite's UID label: adoptable when the Sprite asks.
+    Nobody,
+    /// It carries another Sprite's UID label.
+    Other,
+}
+
 /// The VM as a metadata call (get/list) reports it: reading it never wakes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObservedVm {
-    /// Carries our UID label, or the Sprite has the adopt annotation.
-    pub ours: bool,
+    pub owner: VmOwner,
     /// `running` on the API: awake right now, so looking inside costs nothing extra.
     pub awake: bool,
 }
@@ -24,11 +34,14 @@ pub struct Facts {
     pub deleting: bool,
     pub has_finalizer: bool,
     pub deletion_policy: DeletionPolicy,
-    /// The operator recorded a create call whose result it never saw.
     pub vm: Option<ObservedVm>,
+    /// The Sprite carries the adopt annotation.
+    pub adopt: bool,
+    /// The User named by `userRef` does not exist.
+    pub user_missing: bool,
     /// The User's quota admits this Sprite (always true without a User).
     pub quota_admits: bool,
-    /// `spec.suspend`, or the owning User is suspended or over budget.
+    /// `spec.suspend`, or the owning User is suspended, over budget or missing.
     pub suspended: bool,
     pub last_bootstrap_step: Option<BootstrapStep>,
     /// What the source holds now; None when it cannot be read (a condition says why).
@@ -55,6 +68,9 @@ pub enum Step {
     /// Nothing to do until something changes (the reason goes into a condition).
     Blocked(BlockedReason),
     CreateVm,
+    /// Write this Sprite's UID label on an unlabelled VM it was asked to
+    /// adopt, before anything else is done to that VM.
+    AdoptVm,
     Bootstrap(BootstrapStep),
     StartServer,
     StopServer,
@@ -69,6 +85,7 @@ pub enum Step {
 pub enum BlockedReason {
     QuotaExceeded,
     NameConflict,
+    UserNotFound,
     RuntimeUnavailable,
 }
 
@@ -93,7 +110,8 @@ pub fn next_step(f: &Facts) -> Step {
         if !f.has_finalizer {
             return Step::Idle;
         }
-        let ours = f.vm.as_ref().is_some_and(|v| v.ours);
+        // Only a VM seen with our label: never one merely asked to be adopted.
+        let ours = f.vm.as_ref().is_some_and(|v| v.owner == VmOwner::Us);
         return if f.deletion_policy == DeletionPolicy::Delete && ours {
             Step::DeleteVm
         } else {
@@ -104,6 +122,9 @@ pub fn next_step(f: &Facts) -> Step {
         return Step::AddFinalizer;
     }
     let Some(vm) = &f.vm else {
+        if f.user_missing {
+            return Step::Blocked(BlockedReason::UserNotFound);
+        }
         if !f.quota_admits {
             return Step::Blocked(BlockedReason::QuotaExceeded);
         }
@@ -112,8 +133,10 @@ pub fn next_step(f: &Facts) -> Step {
         }
         return Step::CreateVm;
     };
-    if !vm.ours {
-        return Step::Blocked(BlockedReason::NameConflict);
+    match vm.owner {
+        VmOwner::Us => {}
+        VmOwner::Nobody if f.adopt => return Step::AdoptVm,
+        VmOwner::Nobody | VmOwner::Other => return Step::Blocked(BlockedReason::NameConflict),
     }
     let next_bootstrap = match f.last_bootstrap_step {
         None => Some(BootstrapStep::Directories),
@@ -162,9 +185,11 @@ mod tests {
             has_finalizer: true,
             deletion_policy: DeletionPolicy::Delete,
             vm: Some(ObservedVm {
-                ours: true,
+                owner: VmOwner::Us,
                 awake: false,
             }),
+            adopt: false,
+            user_missing: false,
             quota_admits: true,
             suspended: false,
             last_bootstrap_step: Some(BootstrapStep::Version),
@@ -235,17 +260,45 @@ mod tests {
     #[test]
     fn a_stranger_vm_is_never_touched() {
         let mut f = converged();
+        for owner in [VmOwner::Other, VmOwner::Nobody] {
+            f.deleting = false;
+            f.vm = Some(ObservedVm { owner, awake: true });
+            assert_eq!(next_step(&f), Step::Blocked(BlockedReason::NameConflict));
+            f.deleting = true;
+            assert_eq!(
+                next_step(&f),
+                Step::RemoveFinalizer,
+                "delete must not remove someone else's VM"
+            );
+        }
+    }
+
+    #[test]
+    fn adoption_labels_an_unlabelled_vm_first_and_never_takes_a_labelled_one() {
+        let mut f = converged();
+        f.adopt = true;
+        f.last_bootstrap_step = None;
         f.vm = Some(ObservedVm {
-            ours: false,
-            awake: true,
+            owner: VmOwner::Nobody,
+            awake: false,
         });
+        assert_eq!(next_step(&f), Step::AdoptVm);
+        f.vm.as_mut().unwrap().owner = VmOwner::Other;
         assert_eq!(next_step(&f), Step::Blocked(BlockedReason::NameConflict));
+        f.vm.as_mut().unwrap().owner = VmOwner::Us;
+        assert_eq!(next_step(&f), Step::Bootstrap(BootstrapStep::Directories));
+        // Asked to adopt but deleted before the label was written: not ours.
+        f.vm.as_mut().unwrap().owner = VmOwner::Nobody;
         f.deleting = true;
-        assert_eq!(
-            next_step(&f),
-            Step::RemoveFinalizer,
-            "delete must not remove someone else's VM"
-        );
+        assert_eq!(next_step(&f), Step::RemoveFinalizer);
+    }
+
+    #[test]
+    fn a_sprite_without_its_user_gets_no_vm() {
+        let mut f = converged();
+        f.user_missing = true;
+        f.vm = None;
+        assert_eq!(next_step(&f), Step::Blocked(BlockedReason::UserNotFound));
     }
 
     #[test]
@@ -256,7 +309,7 @@ mod tests {
         f.vm = None;
         assert_eq!(next_step(&f), Step::RemoveFinalizer);
         f.vm = Some(ObservedVm {
-            ours: true,
+            owner: VmOwner::Us,
             awake: false,
         });
         f.deletion_policy = DeletionPolicy::Retain;

@@ -16,14 +16,14 @@ use tracing::{info, warn};
 use super::context::Context;
 use super::error::Error;
 use super::metrics::{StepLabels, WakeLabels};
-use super::plan::{self, Facts, ObservedVm, Step};
+use super::plan::{self, Facts, ObservedVm, Step, VmOwner};
 use super::schedule::{Schedule, SkipReason, decide};
 use super::sprite_status::{derive_conditions, publish_events, write_status_if_changed};
 use super::vm_cache::Cached;
 use super::vm_ops::{base_exec, bootstrap_step, start_server, update};
+use crate::api::session;
 use crate::api::sprite::{
-    ADOPT_ANNOTATION, ActiveHeartbeat, BootstrapStatus, BootstrapStep, FINALIZER, SESSION_ANNOTATION,
-    UID_LABEL_PREFIX,
+    ADOPT_ANNOTATION, ActiveHeartbeat, BootstrapStatus, BootstrapStep, FINALIZER, OwnedVm, UID_LABEL_PREFIX,
 };
 use crate::api::user::UserPhase;
 use crate::api::{Sprite, SpriteStatus, User};
@@ -205,13 +205,12 @@ async fn observe(
             Cached::Unknown => (get_vm(ctx, vm_name).await?, false),
         },
     };
-    let uid_label = format!("{UID_LABEL_PREFIX}{}", sprite.uid().unwrap_or_default());
     let adopt = sprite
         .annotations()
         .get(ADOPT_ANNOTATION)
         .is_some_and(|v| v == "true");
     let observed_vm = vm.as_ref().map(|v| ObservedVm {
-        ours: adopt || v.labels.contains(&uid_label),
+        owner: vm_owner(&v.labels, &sprite.uid().unwrap_or_default()),
         awake: v.status == "running",
     });
 
@@ -220,25 +219,30 @@ async fn observe(
         Err(e) => (None, Some(e.to_string())),
     };
 
-    let user = match &sprite.spec.user_ref {
-        Some(r) => {
-            Api::<User>::namespaced(ctx.client.clone(), ns)
-                .get_opt(&r.name)
-                .await?
-        }
-        None => None,
-    };
+    let user = Api::<User>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&sprite.spec.user_ref.name)
+        .await?;
+    let user_missing = user.is_none();
     let tier = user.as_ref().map(|u| ctx.config.tier(u.spec.tier).clone());
     let quota_admits = match (&user, &tier) {
         (Some(u), Some(t)) => admitted_by_quota(ctx, ns, sprite, &u.name_any(), t.max_sprites).await?,
-        _ => true,
+        // Without its User a Sprite is admitted nowhere (user_missing says why).
+        _ => false,
     };
     let user_suspended = user.as_ref().is_some_and(|u| {
         u.spec.suspend || u.status.as_ref().and_then(|s| s.phase) == Some(UserPhase::OverBudget)
     });
-    let suspended = sprite.spec.suspend || user_suspended;
+    let suspended = sprite.spec.suspend || user_suspended || user_missing;
     let suspend_reason = if sprite.spec.suspend {
         Some(("SpecSuspend", "spec.suspend is true".to_string()))
+    } else if user_missing {
+        Some((
+            "UserNotFound",
+            format!(
+                "User {} does not exist in this namespace: the Sprite runs on no one's plan",
+                sprite.spec.user_ref.name
+            ),
+        ))
     } else if user.as_ref().is_some_and(|u| u.spec.suspend) {
         Some(("UserSuspended", "the User is suspended".to_string()))
     } else if user_suspended {
@@ -280,11 +284,7 @@ async fn observe(
         let duration = schedule.as_ref().map_or(Duration::from_secs(120), |s| s.duration);
         elapsed(h.started_at.0, now) >= duration
     });
-    let session_active = sprite
-        .annotations()
-        .get(SESSION_ANNOTATION)
-        .and_then(|v| v.parse::<Timestamp>().ok())
-        .is_some_and(|until| until > now);
+    let session_active = session_live_until(ctx, ns, &sprite.name_any()).is_some_and(|until| until > now);
 
     // Looking inside only when the VM is awake for another reason anyway.
     let awake = observed_vm.as_ref().is_some_and(|v| v.awake);
@@ -311,6 +311,8 @@ async fn observe(
         has_finalizer: sprite.finalizers().iter().any(|f| f == FINALIZER),
         deletion_policy: sprite.spec.template.deletion_policy,
         vm: observed_vm,
+        adopt,
+        user_missing,
         quota_admits,
         suspended,
         last_bootstrap_step: status.bootstrap.as_ref().and_then(|b| b.last_completed_step),
@@ -343,6 +345,26 @@ async fn observe(
         vm_from_list,
         tick,
     })
+}
+
+/// Whose a VM is, from its labels: ours, nobody's (no UID label at all), or
+/// another Sprite's.
+fn vm_owner(labels: &[String], uid: &str) -> VmOwner {
+    let ours = format!("{UID_LABEL_PREFIX}{uid}");
+    if !uid.is_empty() && labels.contains(&ours) {
+        VmOwner::Us
+    } else if labels.iter().any(|l| l.starts_with(UID_LABEL_PREFIX)) {
+        VmOwner::Other
+    } else {
+        VmOwner::Nobody
+    }
+}
+
+/// Until when the relay's session Lease says a browser keeps the VM awake.
+fn session_live_until(ctx: &Context, ns: &str, sprite: &str) -> Option<Timestamp> {
+    let lease_ns = session::lease_namespace(ctx.session_lease_namespace.as_deref(), ns);
+    let lease = ctx.stores.lease(lease_ns, &session::lease_name(ns, sprite))?;
+    session::live_until(&lease)
 }
 
 fn is_update_failure_for(status: &SpriteStatus, desired: Option<&str>) -> bool {
@@ -395,9 +417,7 @@ async fn admitted_by_quota(
     let mut mine: Vec<&Sprite> = all
         .items
         .iter()
-        .filter(|s| {
-            s.spec.user_ref.as_ref().is_some_and(|r| r.name == user) && s.meta().deletion_timestamp.is_none()
-        })
+        .filter(|s| s.spec.user_ref.name == user && s.meta().deletion_timestamp.is_none())
         .collect();
     mine.sort_by_key(|s| (s.meta().creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
     Ok(mine
@@ -455,6 +475,12 @@ async fn perform(
             match ctx.sprites.create_sprite(&request).await {
                 Ok(vm) => {
                     ctx.vms.record(vm_name, Some(vm.clone()));
+                    if vm_owner(&vm.labels, &sprite.uid().unwrap_or_default()) == VmOwner::Us {
+                        status.owned_vm = Some(OwnedVm {
+                            name: vm_name.to_string(),
+                            id: vm.id.clone(),
+                        });
+                    }
                     status.sprite_id = Some(vm.id).filter(|s| !s.is_empty());
                     status.url = Some(vm.url).filter(|s| !s.is_empty());
                     info!(sprite = %sprite.name_any(), vm = vm_name, "created VM");
@@ -464,6 +490,19 @@ async fn perform(
                 Err(sprites::Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            Ok(true)
+        }
+        Step::AdoptVm => {
+            // The label goes on first: until it is seen on the VM nothing
+            // else is done to it, and a concurrent adopter's write of its
+            // own label leaves exactly one of us owning it.
+            let mut labels = observed.vm.as_ref().map(|v| v.labels.clone()).unwrap_or_default();
+            labels.push(format!("{UID_LABEL_PREFIX}{}", sprite.uid().unwrap_or_default()));
+            let vm = ctx.sprites.update_labels(vm_name, labels).await?;
+            // The next pass that acts reads the VM again with a get anyway.
+            ctx.vms.record(vm_name, Some(vm));
+            status.bootstrap = None;
+            info!(sprite = %sprite.name_any(), vm = vm_name, "adopted VM: labelled it ours");
             Ok(true)
         }
         Step::Bootstrap(step) => {
@@ -636,6 +675,7 @@ pub(super) fn step_label(step: &Step) -> &'static str {
         Step::RemoveFinalizer => "remove_finalizer",
         Step::Blocked(_) => "blocked",
         Step::CreateVm => "create_vm",
+        Step::AdoptVm => "adopt_vm",
         Step::Bootstrap(_) => "bootstrap",
         Step::StartServer => "start_server",
         Step::StopServer => "stop_server",
@@ -672,6 +712,21 @@ mod tests {
         );
         record_tick(&mut s, &d, false, &Step::StartHeartbeat(tick));
         assert_eq!(s.next_heartbeat_time, Some(Time(next)));
+    }
+
+    #[test]
+    fn a_vm_is_ours_only_with_our_own_uid_label() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            vm_owner(&l(&["sprite-operator.dev/uid=u1", "x"]), "u1"),
+            VmOwner::Us
+        );
+        assert_eq!(
+            vm_owner(&l(&["sprite-operator.dev/uid=u2"]), "u1"),
+            VmOwner::Other
+        );
+        assert_eq!(vm_owner(&l(&["team=a"]), "u1"), VmOwner::Nobody);
+        assert_eq!(vm_owner(&l(&["sprite-operator.dev/uid="]), ""), VmOwner::Other);
     }
 
     #[test]

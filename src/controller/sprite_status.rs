@@ -11,11 +11,11 @@ use tracing::warn;
 
 use super::context::Context;
 use super::error::Error;
-use super::plan::{BlockedReason, Step};
+use super::plan::{BlockedReason, Step, VmOwner};
 use super::schedule::SkipReason;
 use super::sprite::{FAILED_AFTER_ATTEMPTS, MANAGER, Observed, step_label};
 use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
-use crate::api::sprite::{BootstrapStep, SpritePhase};
+use crate::api::sprite::{BootstrapStep, OwnedVm, SpritePhase};
 use crate::api::{Sprite, SpriteStatus};
 
 /// Conditions and phase from what was observed and what the step did.
@@ -33,7 +33,20 @@ pub(super) fn derive_conditions(
         set_condition(&mut status.conditions, c, generation, t.clone());
     };
     let f = &o.facts;
-    let created = f.vm.as_ref().is_some_and(|v| v.ours) || matches!(step, Step::CreateVm) && error.is_none();
+    let ours = f.vm.as_ref().is_some_and(|v| v.owner == VmOwner::Us);
+    // The VM the relay may route to: one seen with our label, by this pass's
+    // observation or by the create that just made it.
+    if ours && !f.deleting {
+        if let Some(vm) = &o.vm {
+            status.owned_vm = Some(OwnedVm {
+                name: vm.name.clone(),
+                id: vm.id.clone(),
+            });
+        }
+    } else if !(matches!(step, Step::CreateVm) && error.is_none()) {
+        status.owned_vm = None;
+    }
+    let created = ours || status.owned_vm.is_some();
     set(
         status,
         if created {
@@ -67,6 +80,8 @@ pub(super) fn derive_conditions(
         status,
         if server_running {
             DesiredCondition::new("ServerRunning", true, "Started", "the runtime server was started")
+        } else if let Some(e) = error.filter(|_| matches!(step, Step::StartServer)) {
+            DesiredCondition::new("ServerRunning", false, e.reason(), e.to_string())
         } else if f.suspended {
             DesiredCondition::new("ServerRunning", false, "Suspended", "the Sprite is suspended")
         } else {
@@ -144,14 +159,21 @@ pub(super) fn derive_conditions(
         _ => {}
     }
     if matches!(step, Step::Blocked(BlockedReason::NameConflict)) {
+        let (reason, message) = match f.vm.as_ref().map(|v| v.owner) {
+            Some(VmOwner::Other) => (
+                "OwnedByAnother",
+                "the VM of this name carries another Sprite's UID label: it is left untouched and \
+                 never adopted",
+            ),
+            _ => (
+                "NotOurs",
+                "a VM with this name exists without this Sprite's UID label; it is left untouched \
+                 (the sprite-operator.dev/adopt annotation adopts an unlabelled VM)",
+            ),
+        };
         set(
             status,
-            DesiredCondition::new(
-                "NameConflict",
-                true,
-                "NotOurs",
-                "a VM with this name exists without this Sprite's UID label; it is left untouched",
-            ),
+            DesiredCondition::new("NameConflict", true, reason, message),
         );
     } else {
         remove_condition(&mut status.conditions, "NameConflict");

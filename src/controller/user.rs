@@ -21,6 +21,7 @@ use super::context::Context;
 use super::error::Error;
 use super::usage;
 use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
+use crate::api::sprite::USER_LABEL;
 use crate::api::user::{SecretRef, Usage, UserPhase};
 use crate::api::{Sprite, User, UserStatus};
 use crate::config::TierLimits;
@@ -62,13 +63,13 @@ pub fn phase(suspend: bool, over_budget: bool, ready: bool) -> UserPhase {
 }
 
 /// Whether a change to `changed` can alter `other`'s DuplicateSubject
-/// condition: they share a subject now, or `other` is flagged (the flag may
-/// name `changed` under the subject it just left, or was deleted with).
-/// Flagged Users are few, so re-checking all of them is cheap and needs no
-/// memory of old subjects.
+/// condition, in any watched namespace (the relay refuses a subject shared
+/// anywhere it looks): they share a subject now, or `other` is flagged (the
+/// flag may name `changed` under the subject it just left, or was deleted
+/// with). Flagged Users are few, so re-checking all of them is cheap and
+/// needs no memory of old subjects.
 pub fn subject_peer(changed: &User, other: &User) -> bool {
-    other.namespace() == changed.namespace()
-        && other.uid() != changed.uid()
+    other.uid() != changed.uid()
         && (other.spec.subject == changed.spec.subject
             || other
                 .status
@@ -97,7 +98,7 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let now = ctx.clock.now();
     let tier = ctx.config.tier(user.spec.tier).clone();
 
-    let token_hash = ensure_gateway_secret(&ctx, &user, &ns).await?;
+    let gateway = ensure_gateway_secret(&ctx, &user, &ns).await?;
     let primary_ok = ensure_primary_sprite(&ctx, &user, &ns).await?;
 
     let sprites = Api::<Sprite>::namespaced(ctx.client.clone(), &ns)
@@ -106,21 +107,13 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let mine: Vec<&Sprite> = sprites
         .items
         .iter()
-        .filter(|s| s.spec.user_ref.as_ref().is_some_and(|r| r.name == name))
+        .filter(|s| s.spec.user_ref.name == name)
         .collect();
     let period = usage::roll_up(mine.iter().filter_map(|s| s.status.as_ref()?.usage.as_ref()), now);
     let spent = over_budget(&period, &tier);
 
-    // Within the namespace: a namespaced install has no cluster-wide read of
-    // Users, and the relay refuses a subject shared anywhere it watches.
-    let duplicates = Api::<User>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|u| u.spec.subject == user.spec.subject && u.uid() != user.uid())
-        .map(|u| format!("{}/{}", u.namespace().unwrap_or_default(), u.name_any()))
-        .collect::<Vec<_>>();
+    // Across every namespace the controller watches, as the relay looks.
+    let duplicates = sharers(&user, &ctx.stores.users());
 
     let mut status = user.status.clone().unwrap_or_default();
     status.sprites = mine.len() as i32;
@@ -128,7 +121,7 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     status.gateway_secret_ref = Some(SecretRef {
         name: gateway_secret_name(&name),
     });
-    status.gateway_token_sha256 = Some(token_hash);
+    status.gateway_token_sha256 = gateway.as_ref().ok().cloned();
     let new_phase = phase(user.spec.suspend, spent, primary_ok);
     status.phase = Some(new_phase);
     status.observed_generation = user.metadata.generation;
@@ -169,6 +162,16 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
             t.clone(),
         );
     }
+    let gateway_condition = match &gateway {
+        Ok(_) => DesiredCondition::new(
+            "GatewaySecret",
+            true,
+            "Issued",
+            "the gateway token Secret is this User's",
+        ),
+        Err(why) => DesiredCondition::new("GatewaySecret", false, "NotOwned", why.clone()),
+    };
+    set_condition(&mut status.conditions, gateway_condition, generation, t.clone());
     let ready = new_phase == UserPhase::Active;
     set_condition(
         &mut status.conditions,
@@ -216,18 +219,61 @@ pub fn error_policy(_user: Arc<User>, err: &Error, ctx: Arc<Context>) -> Action 
     Action::requeue(err.backoff(2))
 }
 
+/// The other Users (as `namespace/name`, sorted) that claim `user`'s subject.
+pub fn sharers(user: &User, users: &[Arc<User>]) -> Vec<String> {
+    let mut v: Vec<String> = users
+        .iter()
+        .filter(|u| u.spec.subject == user.spec.subject && u.uid() != user.uid())
+        .map(|u| format!("{}/{}", u.namespace().unwrap_or_default(), u.name_any()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Whether an existing Secret is this User's gateway Secret: owned by the
+/// User (its UID), or labelled with its name (a restore from a backup
+/// changes UIDs). Anything else someone else put under that name.
+pub fn gateway_secret_is_users(secret: &Secret, user: &User) -> bool {
+    let uid = user.uid();
+    let owned = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "User" && Some(&o.uid) == uid.as_ref());
+    let labelled = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(USER_LABEL))
+        .is_some_and(|v| *v == user.name_any());
+    owned || labelled
+}
+
 /// The gateway Secret exists (created with a fresh random token when it does
-/// not: deleting it rotates the token). Returns the token's hash.
-async fn ensure_gateway_secret(ctx: &Context, user: &User, ns: &str) -> Result<String, Error> {
+/// not: deleting it rotates the token). Returns the token's hash, or why a
+/// Secret of that name is not used.
+async fn ensure_gateway_secret(
+    ctx: &Context,
+    user: &User,
+    ns: &str,
+) -> Result<Result<String, String>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = gateway_secret_name(&user.name_any());
     if let Some(s) = secrets.get_opt(&name).await? {
+        if !gateway_secret_is_users(&s, user) {
+            return Ok(Err(format!(
+                "Secret {name} exists but is not this User's (no owner reference to it, no \
+                 {USER_LABEL} label naming it): it is not used; delete or rename it"
+            )));
+        }
         let token = s
             .data
             .as_ref()
             .and_then(|d| d.get(TOKEN_KEY))
             .ok_or_else(|| Error::Secret(format!("{name} has no key {TOKEN_KEY}")))?;
-        return Ok(token_sha256(&token.0));
+        return Ok(Ok(token_sha256(&token.0)));
     }
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
@@ -236,7 +282,7 @@ async fn ensure_gateway_secret(ctx: &Context, user: &User, ns: &str) -> Result<S
         "metadata": {
             "name": name,
             "ownerReferences": [owner_ref(user)],
-            "labels": {"app.kubernetes.io/managed-by": "sprite-operator", "sprite-operator.dev/user": user.name_any()},
+            "labels": {"app.kubernetes.io/managed-by": "sprite-operator", USER_LABEL: user.name_any()},
         },
         "type": "Opaque",
     }))
@@ -248,7 +294,7 @@ async fn ensure_gateway_secret(ctx: &Context, user: &User, ns: &str) -> Result<S
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             info!(user = %user.name_any(), secret = %name, "gateway token issued");
-            Ok(token_sha256(token.as_bytes()))
+            Ok(Ok(token_sha256(token.as_bytes())))
         }
         // Created by a concurrent pass: read what won.
         Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(ensure_gateway_secret(ctx, user, ns)).await,
@@ -271,7 +317,7 @@ async fn ensure_primary_sprite(ctx: &Context, user: &User, ns: &str) -> Result<b
         "metadata": {
             "name": name,
             "ownerReferences": [owner_ref(user)],
-            "labels": {"sprite-operator.dev/user": user.name_any()},
+            "labels": {USER_LABEL: user.name_any()},
         },
         "spec": spec,
     });
@@ -357,16 +403,46 @@ mod tests {
     }
 
     #[test]
-    fn a_user_change_rechecks_sharers_and_flagged_users_of_its_namespace() {
+    fn a_user_change_rechecks_sharers_and_flagged_users_of_every_namespace() {
         let moved = user("a", "dora", "dora-own", false);
-        // Shares the new subject.
+        // Shares the new subject, here or in another namespace.
         assert!(subject_peer(&moved, &user("a", "x", "dora-own", false)));
+        assert!(subject_peer(&moved, &user("b", "x", "dora-own", false)));
         // Flagged under the subject dora left: must be looked at again.
         assert!(subject_peer(&moved, &user("a", "dana", "shared", true)));
-        // Unrelated, another namespace, or itself: left alone.
+        assert!(subject_peer(&moved, &user("b", "dana", "shared", true)));
+        // Unrelated, or itself: left alone.
         assert!(!subject_peer(&moved, &user("a", "eve", "eve", false)));
-        assert!(!subject_peer(&moved, &user("b", "x", "dora-own", true)));
         assert!(!subject_peer(&moved, &moved.clone()));
+    }
+
+    #[test]
+    fn sharers_are_named_across_namespaces() {
+        let alice = user("acme", "alice", "idp|1", false);
+        let all = vec![
+            Arc::new(alice.clone()),
+            Arc::new(user("acme-corp", "mallory", "idp|1", false)),
+            Arc::new(user("acme", "bob", "idp|2", false)),
+        ];
+        assert_eq!(sharers(&alice, &all), vec!["acme-corp/mallory".to_string()]);
+        assert!(sharers(&all[2], &all).is_empty());
+    }
+
+    #[test]
+    fn a_gateway_secret_is_used_only_when_it_is_the_users() {
+        let alice = user("acme", "alice", "idp|1", false);
+        let s = |v: serde_json::Value| -> Secret { serde_json::from_value(v).unwrap() };
+        let planted = s(json!({"metadata": {"name": "alice-gateway"}}));
+        assert!(!gateway_secret_is_users(&planted, &alice));
+        let other_owner = s(json!({"metadata": {"name": "alice-gateway", "ownerReferences": [{
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "name": "alice", "uid": "someone-else"}]}}));
+        assert!(!gateway_secret_is_users(&other_owner, &alice));
+        let owned = s(json!({"metadata": {"name": "alice-gateway", "ownerReferences": [{
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "name": "alice", "uid": "acme/alice"}]}}));
+        assert!(gateway_secret_is_users(&owned, &alice));
+        let labelled = s(json!({"metadata": {"name": "alice-gateway",
+            "labels": {"sprite-operator.dev/user": "alice"}}}));
+        assert!(gateway_secret_is_users(&labelled, &alice));
     }
 
     #[test]

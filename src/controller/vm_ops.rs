@@ -11,8 +11,9 @@ use tracing::{info, warn};
 
 use super::context::Context;
 use super::error::Error;
-use crate::api::sprite::BootstrapStep;
+use crate::api::sprite::{BootstrapStep, USER_LABEL};
 use crate::api::{Sprite, SpriteStatus};
+use crate::config::SecretReferences;
 use crate::runtime::{self, FileKind, RuntimeBundle};
 use crate::sprites::{self, ExecRequest};
 
@@ -158,7 +159,8 @@ pub(super) async fn start_server(sprite: &Sprite, ctx: &Context, vm: &str) -> Re
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
             (None, Some(from)) => {
-                secret_value(&secrets, &from.secret_key_ref.name, &from.secret_key_ref.key).await?
+                let r = &from.secret_key_ref;
+                secret_value(&secrets, &r.name, &r.key, &ctx.config.secret_references).await?
             }
             (None, None) => String::new(),
         };
@@ -177,11 +179,24 @@ pub(super) async fn start_server(sprite: &Sprite, ctx: &Context, vm: &str) -> Re
     Ok(id)
 }
 
-async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
+/// A referenced Secret, read on demand (the controller watches no Secret
+/// data) and only when the platform's rule lets Sprites name it.
+async fn secret_value(
+    secrets: &Api<Secret>,
+    name: &str,
+    key: &str,
+    rule: &SecretReferences,
+) -> Result<String, Error> {
     let secret = secrets
         .get_opt(name)
         .await?
         .ok_or_else(|| Error::Secret(format!("{name} not found")))?;
+    if let Err(why) = secret_allowed(&secret, rule) {
+        return Err(Error::SecretRefused {
+            name: name.to_string(),
+            why,
+        });
+    }
     if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
         return String::from_utf8(v.0.clone())
             .map_err(|_| Error::Secret(format!("{name}/{key} is not UTF-8")));
@@ -190,6 +205,37 @@ async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Result<St
         return Ok(v.clone());
     }
     Err(Error::Secret(format!("{name} has no key {key}")))
+}
+
+/// Whether a Sprite may have this Secret's values: never a User's gateway
+/// Secret (that is another tenant's credential, whoever wrote the Sprite)
+/// nor a service-account token; otherwise as the platform's rule says.
+pub fn secret_allowed(secret: &Secret, rule: &SecretReferences) -> Result<(), String> {
+    let labels = secret.metadata.labels.as_ref();
+    let owned_by_user = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "User" && o.api_version.starts_with(crate::api::GROUP));
+    if owned_by_user || labels.is_some_and(|l| l.contains_key(USER_LABEL)) {
+        return Err("it is a User's gateway Secret".into());
+    }
+    if secret.type_.as_deref() == Some("kubernetes.io/service-account-token") {
+        return Err("it is a service-account token".into());
+    }
+    if let Some((key, value)) = rule.required() {
+        let has = labels
+            .and_then(|l| l.get(key))
+            .is_some_and(|v| value.is_none_or(|want| v == want));
+        if !has {
+            return Err(format!(
+                "it lacks the label {} that the operator requires (secretReferences.requiredLabel)",
+                rule.required_label.trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn shell_quote(v: &str) -> String {
@@ -251,6 +297,43 @@ pub(super) async fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn secret(v: serde_json::Value) -> Secret {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn only_secrets_the_rule_allows_reach_a_vm() {
+        let rule = SecretReferences::default();
+        let labelled = secret(serde_json::json!({"metadata": {"name": "k",
+            "labels": {"sprite-operator.dev/sprite-env": "true"}}}));
+        assert!(secret_allowed(&labelled, &rule).is_ok());
+        let plain = secret(serde_json::json!({"metadata": {"name": "k"}}));
+        assert!(
+            secret_allowed(&plain, &rule)
+                .unwrap_err()
+                .contains("lacks the label")
+        );
+        let wrong = secret(serde_json::json!({"metadata": {"name": "k",
+            "labels": {"sprite-operator.dev/sprite-env": "false"}}}));
+        assert!(secret_allowed(&wrong, &rule).is_err());
+
+        let open = SecretReferences {
+            required_label: String::new(),
+        };
+        assert!(secret_allowed(&plain, &open).is_ok());
+        // Never, whatever the rule: a gateway Secret (by label or owner) or
+        // a service-account token, even when it carries the label.
+        let gateway = secret(serde_json::json!({"metadata": {"name": "bob-gateway",
+            "labels": {"sprite-operator.dev/user": "bob", "sprite-operator.dev/sprite-env": "true"}}}));
+        assert!(secret_allowed(&gateway, &open).is_err());
+        let owned = secret(serde_json::json!({"metadata": {"name": "x", "ownerReferences": [{
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "name": "bob", "uid": "1"}]}}));
+        assert!(secret_allowed(&owned, &open).is_err());
+        let sa = secret(serde_json::json!({"metadata": {"name": "t"},
+            "type": "kubernetes.io/service-account-token"}));
+        assert!(secret_allowed(&sa, &open).is_err());
+    }
 
     #[test]
     fn shell_quote_survives_quotes() {

@@ -1,50 +1,50 @@
-//! The session lease on a Sprite: while a session is live the relay keeps
-//! the annotation `sprite-operator.dev/session-active-until` a short while in
-//! the future, so that the controller knows the VM is awake anyway and may
-//! run an `OnWake` update now. Sessions of one Sprite share one lease: the
-//! annotation is patched at most once per refresh interval per Sprite, and a
-//! failed patch only costs a log line (the session goes on).
+//! The session lease: while a session is live the relay keeps a
+//! `coordination.k8s.io` Lease of its Sprite renewed ([`crate::api::session`]),
+//! so that the controller knows the VM is awake anyway (an `OnWake` update
+//! may run now). The relay needs write access to those Leases only, never
+//! to Sprites. Sessions of one Sprite share one Lease: it is written at most
+//! once per refresh interval per Sprite, and a failed write only costs a log
+//! line (the session goes on).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams};
 
-use crate::api::Sprite;
-use crate::api::sprite::SESSION_ANNOTATION;
+use crate::api::session;
+
+/// Field manager of the relay's Lease writes.
+const MANAGER: &str = "sprite-operator-relay";
 
 pub struct Leases {
     /// With where its writes run (the relay's background runtime).
     client: Option<(kube::Client, tokio::runtime::Handle)>,
-    /// How far ahead the annotation points.
+    /// Where the Leases live; None: in each Sprite's own namespace.
+    namespace: Option<String>,
+    /// Who holds the Leases (the relay pod).
+    holder: String,
+    /// How long a written Lease says the session lasts.
     pub lease: Duration,
-    /// How often a live session pushes it forward.
+    /// How often a live session renews it.
     pub refresh: Duration,
     written: Mutex<HashMap<(String, String), Instant>>,
-}
-
-/// The annotation's value: `now + lease` in RFC 3339 (UTC, whole seconds).
-pub fn until(now: jiff::Timestamp, lease: Duration) -> String {
-    let secs = i64::try_from(lease.as_secs()).unwrap_or(i64::MAX / 2);
-    let t = jiff::Timestamp::from_second(now.as_second().saturating_add(secs)).unwrap_or(now);
-    t.to_string()
-}
-
-/// The merge patch that sets the annotation.
-pub fn patch_body(value: &str) -> serde_json::Value {
-    serde_json::json!({"metadata": {"annotations": {SESSION_ANNOTATION: value}}})
 }
 
 impl Leases {
     /// Without a client (a relay without a cluster) leases are not written.
     pub fn new(
         client: Option<(kube::Client, tokio::runtime::Handle)>,
+        namespace: Option<String>,
         lease: Duration,
         refresh: Duration,
     ) -> Self {
+        let holder = std::env::var("POD_NAME").unwrap_or_else(|_| "sprite-operator-relay".into());
         Self {
             client,
+            namespace,
+            holder,
             lease,
             refresh,
             written: Mutex::new(HashMap::new()),
@@ -71,8 +71,8 @@ impl Leases {
         true
     }
 
-    /// Pushes the lease forward if no session of this Sprite did recently.
-    /// The patch runs in the background: a session never waits for it.
+    /// Renews the Sprite's Lease if no session of it did recently. The
+    /// write runs in the background: a session never waits for it.
     pub fn touch(&self, namespace: &str, sprite: &str) {
         let Some((client, runtime)) = self.client.clone() else {
             return;
@@ -80,16 +80,28 @@ impl Leases {
         if !self.due(namespace, sprite, Instant::now()) {
             return;
         }
-        let value = until(jiff::Timestamp::now(), self.lease);
-        let api: Api<Sprite> = Api::namespaced(client, namespace);
-        let name = sprite.to_string();
+        let lease_ns = session::lease_namespace(self.namespace.as_deref(), namespace);
+        let body = session::lease(
+            lease_ns,
+            namespace,
+            sprite,
+            &self.holder,
+            jiff::Timestamp::now(),
+            self.lease,
+        );
+        let api: Api<Lease> = Api::namespaced(client, lease_ns);
+        let name = body.metadata.name.clone().unwrap_or_default();
+        let sprite = format!("{namespace}/{sprite}");
         runtime.spawn(async move {
+            // Server-side apply creates the Lease or renews it in one call.
             match api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(patch_body(&value)))
+                .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
                 .await
             {
-                Ok(_) => tracing::debug!(sprite = %name, until = %value, "session lease written"),
-                Err(e) => tracing::warn!(sprite = %name, error = %e, "cannot write the session lease"),
+                Ok(_) => tracing::debug!(%sprite, lease = %name, "session lease renewed"),
+                Err(e) => {
+                    tracing::warn!(%sprite, lease = %name, error = %e, "cannot renew the session lease")
+                }
             }
         });
     }
@@ -100,20 +112,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn value_is_rfc3339_and_parses_back() {
-        let now: jiff::Timestamp = "2025-03-01T10:00:00.5Z".parse().unwrap();
-        let v = until(now, Duration::from_secs(120));
-        assert_eq!(v, "2025-03-01T10:02:00Z");
-        assert!(v.parse::<jiff::Timestamp>().unwrap() > now);
-        assert_eq!(
-            patch_body(&v)["metadata"]["annotations"][SESSION_ANNOTATION],
-            "2025-03-01T10:02:00Z"
-        );
-    }
-
-    #[test]
     fn one_write_per_refresh_interval_per_sprite() {
-        let l = Leases::new(None, Duration::from_secs(120), Duration::from_secs(60));
+        let l = Leases::new(None, None, Duration::from_secs(120), Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(l.due("ns", "a", t0));
         assert!(!l.due("ns", "a", t0 + Duration::from_secs(30)));

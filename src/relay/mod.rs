@@ -79,7 +79,8 @@ pub struct RelayConfig {
     pub upstream_retry_for: Duration,
     /// One connection attempt (wake + proxy + handshake).
     pub connect_timeout: Duration,
-    /// How far ahead the session annotation points, and how often it moves.
+    /// How long a session Lease says the session lasts, and how often a
+    /// live session renews it.
     pub lease: Duration,
     pub lease_refresh: Duration,
     /// On shutdown, how long sessions get to close before the process exits.
@@ -98,6 +99,10 @@ pub struct RelayConfig {
     /// worth: more for more than one core's worth of traffic in one
     /// process (or more replicas).
     pub threads: usize,
+    /// Where session Leases are written (the chart: the release namespace,
+    /// the only one where the relay may write Leases); None: in each
+    /// Sprite's own namespace.
+    pub session_lease_namespace: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -119,6 +124,7 @@ impl Default for RelayConfig {
             read_buffer_bytes: 4 * 1024,
             write_timeout: Duration::from_secs(60),
             threads: 1,
+            session_lease_namespace: None,
         }
     }
 }
@@ -202,7 +208,7 @@ pub struct Parts {
     pub directory: Directory,
     pub jwt: JwtVerifier,
     pub connector: Connector,
-    /// For the session lease on Sprites; None: no lease is written.
+    /// For the session Leases; None: no Lease is written.
     pub kube: Option<kube::Client>,
     /// Where the sessions' timers and the lease writes run; None: a new
     /// one. `sprite-operator relay` passes the one its cache watch and kube
@@ -295,6 +301,7 @@ pub async fn start(parts: Parts) -> Result<RelayHandle, Error> {
     let relay = Arc::new(Relay {
         leases: lease::Leases::new(
             parts.kube.map(|c| (c, background.handle().clone())),
+            parts.config.session_lease_namespace.clone(),
             parts.config.lease,
             parts.config.lease_refresh,
         ),

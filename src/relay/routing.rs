@@ -33,31 +33,40 @@ pub struct Target {
 /// parameter; without it the user's primary (`<user>-primary`) or, failing
 /// that, their only Sprite. A Sprite that exists but belongs to someone else
 /// gets the same answer as one that does not exist, so that names cannot be
-/// probed; the caller logs which it was.
+/// probed; the caller logs which it was. So does a Sprite whose VM the
+/// controller has not confirmed as its own (`status.ownedVm`, written only
+/// after it saw the Sprite's UID label on the VM): a name alone never leads
+/// a session anywhere (decision 17).
 pub fn choose(user: &User, requested: Option<&str>, sprites: &[Arc<Sprite>]) -> Result<Target, Error> {
+    const NO_SUCH: Error = Error::Forbidden("no such sprite for this user");
+    const NONE: Error = Error::NotFound("this user has no sprite");
     let ns = user.namespace().unwrap_or_default();
     let uname = user.name_any();
-    let owned = |s: &Sprite| {
-        s.namespace().as_deref() == Some(ns.as_str())
-            && s.spec.user_ref.as_ref().is_some_and(|r| r.name == uname)
-    };
-    let sprite = match requested {
-        Some(name) => sprites
-            .iter()
-            .find(|s| s.name_any() == name && owned(s))
-            .ok_or(Error::Forbidden("no such sprite for this user"))?,
+    let owned = |s: &Sprite| s.namespace().as_deref() == Some(ns.as_str()) && s.spec.user_ref.name == uname;
+    let (sprite, missing) = match requested {
+        Some(name) => (
+            sprites
+                .iter()
+                .find(|s| s.name_any() == name && owned(s))
+                .ok_or(NO_SUCH)?,
+            NO_SUCH,
+        ),
         None => {
             let primary = format!("{uname}-primary");
             let mine: Vec<&Arc<Sprite>> = sprites.iter().filter(|s| owned(s)).collect();
-            match mine.iter().find(|s| s.name_any() == primary) {
+            let chosen = match mine.iter().find(|s| s.name_any() == primary) {
                 Some(s) => *s,
                 None => match mine.as_slice() {
                     [only] => *only,
-                    [] => return Err(Error::NotFound("this user has no sprite")),
+                    [] => return Err(NONE),
                     _ => return Err(Error::NotFound("several sprites: name one with ?sprite=")),
                 },
-            }
+            };
+            (chosen, NONE)
         }
+    };
+    let Some(vm) = sprite.status.as_ref().and_then(|s| s.owned_vm.as_ref()) else {
+        return Err(missing);
     };
     if sprite.spec.suspend {
         return Err(Error::Forbidden("sprite suspended"));
@@ -69,16 +78,11 @@ pub fn choose(user: &User, requested: Option<&str>, sprites: &[Arc<Sprite>]) -> 
         .ok()
         .filter(|p| *p != 0)
         .ok_or(Error::Forbidden("sprite has an invalid server port"))?;
-    let vm = sprite
-        .status
-        .as_ref()
-        .and_then(|s| s.sprite_name.clone())
-        .unwrap_or_else(|| sprite.vm_name());
     Ok(Target {
         namespace: ns,
         user: uname,
         sprite: sprite.name_any(),
-        vm,
+        vm: vm.name.clone(),
         port,
     })
 }
@@ -88,7 +92,7 @@ pub fn owned_by_other(user: &User, name: &str, sprites: &[Arc<Sprite>]) -> bool 
     let uname = user.name_any();
     sprites
         .iter()
-        .any(|s| s.name_any() == name && s.spec.user_ref.as_ref().is_none_or(|r| r.name != uname))
+        .any(|s| s.name_any() == name && s.spec.user_ref.name != uname)
 }
 
 /// Drops what routing never reads: managed fields, annotations, labels,
@@ -107,7 +111,7 @@ pub fn strip_user(u: &mut User) {
     }
 }
 
-/// Keeps a Sprite's name, owner, suspension, VM name and port.
+/// Keeps a Sprite's name, owner, suspension, confirmed VM and port.
 pub fn strip_sprite(s: &mut Sprite) {
     strip_meta(s.meta_mut());
     let port = s.spec.template.server.port;
@@ -121,7 +125,7 @@ pub fn strip_sprite(s: &mut Sprite) {
     };
     if let Some(st) = s.status.take() {
         s.status = Some(crate::api::SpriteStatus {
-            sprite_name: st.sprite_name,
+            owned_vm: st.owned_vm,
             ..Default::default()
         });
     }
@@ -279,21 +283,29 @@ mod tests {
         .unwrap()
     }
 
+    /// A Sprite whose VM the controller confirmed (`status.ownedVm`).
     fn sprite(ns: &str, name: &str, owner: Option<&str>, extra: serde_json::Value) -> Arc<Sprite> {
-        let mut spec = json!({});
-        if let Some(o) = owner {
-            spec["userRef"] = json!({"name": o});
-        }
+        let mut s = unconfirmed(ns, name, owner, extra);
+        s.status = Some(crate::api::SpriteStatus {
+            owned_vm: Some(crate::api::sprite::OwnedVm {
+                name: s.vm_name(),
+                id: format!("id-{name}"),
+            }),
+            ..Default::default()
+        });
+        Arc::new(s)
+    }
+
+    fn unconfirmed(ns: &str, name: &str, owner: Option<&str>, extra: serde_json::Value) -> Sprite {
+        let mut spec = json!({"userRef": {"name": owner.unwrap_or("somebody-else")}});
         for (k, v) in extra.as_object().unwrap() {
             spec[k] = v.clone();
         }
-        Arc::new(
-            serde_json::from_value(json!({
-                "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
-                "metadata": {"name": name, "namespace": ns}, "spec": spec
-            }))
-            .unwrap(),
-        )
+        serde_json::from_value(json!({
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec
+        }))
+        .unwrap()
     }
 
     #[test]
@@ -312,7 +324,11 @@ mod tests {
         let t = choose(&alice, None, &sprites).unwrap();
         assert_eq!(
             (t.sprite.as_str(), t.vm.as_str(), t.port),
-            ("alice-primary", "ns-alice-primary", 8765)
+            (
+                "alice-primary",
+                crate::api::sprite::default_vm_name("ns", "alice-primary").as_str(),
+                8765
+            )
         );
         let t = choose(&alice, Some("alice-lab"), &sprites).unwrap();
         assert_eq!((t.sprite.as_str(), t.port), ("alice-lab", 9000));
@@ -355,17 +371,40 @@ mod tests {
     }
 
     #[test]
-    fn vm_name_prefers_status() {
+    fn only_a_vm_the_controller_confirmed_is_reached() {
         let alice = user("alice");
-        let mut s = (*sprite("ns", "x", Some("alice"), json!({}))).clone();
+        // Named in spec and in status, but not confirmed: refused exactly as
+        // a missing Sprite is, on both paths.
+        let mut s = unconfirmed(
+            "ns",
+            "alice-primary",
+            Some("alice"),
+            json!({"spriteName": "victim-vm"}),
+        );
         s.status = Some(crate::api::SpriteStatus {
-            sprite_name: Some("from-status".into()),
+            sprite_name: Some("victim-vm".into()),
             ..Default::default()
         });
+        let s = vec![Arc::new(s)];
         assert_eq!(
-            choose(&alice, Some("x"), &[Arc::new(s)]).unwrap().vm,
-            "from-status"
+            choose(&alice, None, &s).unwrap_err().to_string(),
+            choose(&alice, None, &[]).unwrap_err().to_string()
         );
+        assert_eq!(
+            choose(&alice, Some("alice-primary"), &s).unwrap_err().to_string(),
+            choose(&alice, Some("nope"), &s).unwrap_err().to_string()
+        );
+        // Confirmed: the session goes to the VM status confirmed, whatever
+        // the spec names.
+        let mut c = (*s[0]).clone();
+        c.status = Some(crate::api::SpriteStatus {
+            owned_vm: Some(crate::api::sprite::OwnedVm {
+                name: "confirmed-vm".into(),
+                id: "1".into(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(choose(&alice, None, &[Arc::new(c)]).unwrap().vm, "confirmed-vm");
     }
 
     #[test]
@@ -399,16 +438,19 @@ mod tests {
         ))
         .clone();
         s.status = Some(crate::api::SpriteStatus {
-            sprite_name: Some("vm".into()),
+            owned_vm: Some(crate::api::sprite::OwnedVm {
+                name: "vm".into(),
+                id: "1".into(),
+            }),
             deployed_version: Some("1".into()),
             ..Default::default()
         });
         strip_sprite(&mut s);
         assert_eq!(s.spec.template.server.port, 9000);
         assert!(s.spec.template.server.command.is_empty());
-        assert_eq!(s.spec.user_ref.as_ref().unwrap().name, "alice");
+        assert_eq!(s.spec.user_ref.name, "alice");
         let st = s.status.unwrap();
-        assert_eq!(st.sprite_name.as_deref(), Some("vm"));
+        assert_eq!(st.owned_vm.map(|v| v.name).as_deref(), Some("vm"));
         assert!(st.deployed_version.is_none());
     }
 

@@ -72,9 +72,19 @@ pub struct TestNs {
 impl TestNs {
     /// None when no control plane can run here (the reason was printed).
     pub async fn new(prefix: &str) -> Option<TestNs> {
+        Self::named(&format!(
+            "{prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ))
+        .await
+    }
+
+    /// A namespace of exactly this name (tests that need two names that
+    /// relate, such as `x` and `x-corp`).
+    pub async fn named(name: &str) -> Option<TestNs> {
         let plane = plane()?;
         let client = plane.client().await.expect("client");
-        let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let name = name.to_string();
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)

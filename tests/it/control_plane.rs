@@ -71,7 +71,11 @@ async fn rejected(ns: &TestNs, doc: serde_json::Value) -> String {
     }
 }
 
-fn sprite(name: &str, spec: serde_json::Value) -> serde_json::Value {
+/// A Sprite; without a `userRef` in `spec` it names the User `owner`.
+fn sprite(name: &str, mut spec: serde_json::Value) -> serde_json::Value {
+    if spec.get("userRef").is_none() {
+        spec["userRef"] = json!({"name": "owner"});
+    }
     json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite", "metadata": {"name": name}, "spec": spec})
 }
 
@@ -120,6 +124,12 @@ async fn invalid_specs_are_rejected_naming_the_field() {
 
     let msg = rejected(&ns, sprite("bad-port", json!({"server": {"port": 70000}}))).await;
     assert!(msg.contains("spec.server.port"), "{msg}");
+
+    // Every Sprite counts against a User: one that names none is refused.
+    let mut no_user = sprite("no-user", json!({}));
+    no_user["spec"].as_object_mut().unwrap().remove("userRef");
+    let msg = rejected(&ns, no_user).await;
+    assert!(msg.contains("spec.userRef") && msg.contains("Required"), "{msg}");
 }
 
 #[tokio::test]

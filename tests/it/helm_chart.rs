@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
-use sprite_operator::api::{Sprite, User};
+use sprite_operator::api::{Sprite, User, session};
 use sprite_operator::config::OperatorConfig;
 
 use crate::common::{TestNs, say, unavailable_reason};
@@ -183,22 +183,21 @@ fn chart_lints_and_renders() {
     );
 
     // Defaults: cluster-wide RBAC, restricted pods, the real API, no sim.
-    let d = docs(&ok(
-        "helm template (defaults)",
-        helm(
-            &helm_bin,
-            home.path(),
-            &[
-                "template",
-                "rel",
-                chart,
-                "--namespace",
-                "ops",
-                "--set",
-                "sprites.token=x",
-            ],
-        ),
-    ));
+    // `helm template rel <chart> --namespace ops --set sprites.token=x`, then `extra`.
+    let in_ops = |what: &str, extra: &[&str]| {
+        let mut argv = vec![
+            "template",
+            "rel",
+            chart,
+            "--namespace",
+            "ops",
+            "--set",
+            "sprites.token=x",
+        ];
+        argv.extend_from_slice(extra);
+        docs(&ok(what, helm(&helm_bin, home.path(), &argv)))
+    };
+    let d = in_ops("helm template (defaults)", &[]);
     let controller = find(&d, "Deployment", "-controller");
     assert_restricted(controller);
     assert_restricted(find(&d, "Deployment", "-relay"));
@@ -224,6 +223,27 @@ fn chart_lints_and_renders() {
     }
     let lease_role = find(&d, "Role", "-leader-election");
     assert_eq!(lease_role["metadata"]["namespace"], "ops");
+    // Session Leases: both components are told the release namespace, where
+    // the relay may write Leases; it writes nothing of sprite-operator.dev
+    // (a Sprite's spec decides what runs in a tenant's VM).
+    for component in ["-controller", "-relay"] {
+        let a = args(find(&d, "Deployment", component));
+        assert!(
+            a.contains(&"--session-lease-namespace=ops".to_string()),
+            "{component}: {a:?}"
+        );
+    }
+    assert_eq!(
+        find(&d, "Role", "-relay-session-leases")["metadata"]["namespace"],
+        "ops"
+    );
+    for rule in find(&d, "ClusterRole", "-relay")["rules"].as_array().unwrap() {
+        assert_eq!(
+            rule["verbs"],
+            json!(["get", "list", "watch"]),
+            "relay rule {rule}"
+        );
+    }
     assert_eq!(rendered_config(&d), OperatorConfig::default());
     let secret = find(&d, "Secret", "-sprites-token");
     assert_eq!(secret["data"]["token"], "eA==");
@@ -238,20 +258,67 @@ fn chart_lints_and_renders() {
     );
 
     // A misspelt value is an error (strict schema).
-    let out = helm(
-        &helm_bin,
-        home.path(),
+    // `helm template rel <chart> --set sprites.token=x --set <set>`.
+    let with_token = |set: &str| {
+        helm(
+            &helm_bin,
+            home.path(),
+            &["template", "rel", chart, "--set", "sprites.token=x", "--set", set],
+        )
+    };
+    let out = with_token("relay.idelTimeout=1m");
+    assert!(!out.status.success(), "the schema accepted an unknown key");
+
+    // JWT verification without an issuer and an audience would accept a token
+    // the identity provider minted for any of its applications: the render
+    // fails and names what is missing...
+    for (set, missing) in [
+        (
+            "relay.jwt.hs256SecretName=jwt",
+            "relay.jwt.issuer, relay.jwt.audience",
+        ),
+        (
+            "relay.jwt.jwksConfigMap=jwks,relay.jwt.issuer=idp",
+            "relay.jwt.audience",
+        ),
+    ] {
+        let out = with_token(set);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rendered with {set}");
+        assert!(
+            stderr.contains(&format!("these are empty: {missing}."))
+                && stderr.contains("relay.jwt.allowMissingIssuerAndAudience=true"),
+            "{stderr}"
+        );
+    }
+    // ...unless the escape hatch is set (NOTES then warn:
+    // rendered_manifests_pass_server_side_dry_run).
+    ok(
+        "helm template (JWT without iss/aud, allowed)",
+        with_token("relay.jwt.hs256SecretName=jwt,relay.jwt.allowMissingIssuerAndAudience=true"),
+    );
+
+    // Without leader election the controller still reads the session Leases
+    // (its own Role), and an empty requiredLabel reaches the config as "".
+    let d = in_ops(
+        "helm template (no leader election, any Secret)",
         &[
-            "template",
-            "rel",
-            chart,
             "--set",
-            "sprites.token=x",
-            "--set",
-            "relay.idelTimeout=1m",
+            "controller.leaderElection=false",
+            "--set-string",
+            "secretReferences.requiredLabel=",
         ],
     );
-    assert!(!out.status.success(), "the schema accepted an unknown key");
+    assert!(!d.iter().any(|x| {
+        x["kind"] == "Role"
+            && x["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-leader-election"))
+    }));
+    let reader = find(&d, "Role", "-controller-session-leases");
+    assert_eq!(reader["metadata"]["namespace"], "ops");
+    assert_eq!(reader["rules"][0]["verbs"], json!(["get", "list", "watch"]));
+    assert_eq!(rendered_config(&d).secret_references.required_label, "");
 
     // The simulator alone: the API URL and the token default to it, and only
     // its container is privileged.
@@ -328,6 +395,10 @@ fn chart_lints_and_renders() {
     assert_eq!(cfg.tier(sprite_operator::api::Tier::Starter).max_sprites, 3);
     assert_eq!(cfg.idle_tail, std::time::Duration::from_secs(20));
     assert_eq!(cfg.pip_args, ["--no-index", "--find-links", "/wheels"]);
+    assert_eq!(
+        cfg.secret_references.required_label,
+        "platform.example.com/vm-env=allowed"
+    );
 }
 
 /// `kubectl apply --dry-run=server` of rendered manifests: the apiserver
@@ -421,6 +492,54 @@ async fn rendered_manifests_pass_server_side_dry_run() {
     ] {
         assert!(applied.contains(kind), "no {kind} in the dry run:\n{applied}");
     }
+
+    // NOTES: `helm template` leaves them out, and a client dry run of
+    // `helm install` still asks the apiserver for its capabilities, so they
+    // are checked here. JWT verification without iss/aud accepts tokens the
+    // identity provider minted for any of its applications: NOTES say so...
+    let kubeconfig = ns.plane.kubeconfig_path().to_str().unwrap().to_string();
+    let notes = |extra: &[&str]| {
+        let mut argv = vec![
+            "install",
+            release.as_str(),
+            chart,
+            "--dry-run=client",
+            "--kubeconfig",
+            kubeconfig.as_str(),
+            "--namespace",
+            ns.name.as_str(),
+        ];
+        argv.extend_from_slice(extra);
+        ok(
+            "helm install --dry-run=client",
+            helm(&helm_bin, home.path(), &argv),
+        )
+    };
+    let out = notes(&[
+        "--set",
+        "sprites.token=x",
+        "--set",
+        "relay.jwt.hs256SecretName=jwt,relay.jwt.allowMissingIssuerAndAudience=true",
+    ]);
+    assert!(
+        out.contains(
+            "WARNING: the relay verifies JWTs WITHOUT checking the issuer (iss) or the audience (aud)"
+        ),
+        "{out}"
+    );
+    // ...and only then: values-full sets the escape hatch, but an issuer and
+    // an audience too. (helm maps every object to an API resource here, and
+    // the ServiceMonitor CRD is not installed.)
+    let out = notes(&[
+        "-f",
+        full.to_str().unwrap(),
+        "--set",
+        watch.as_str(),
+        "--set",
+        "metrics.serviceMonitor.enabled=false",
+    ]);
+    assert!(out.contains("NOTES:"), "{out}");
+    assert!(!out.contains("WARNING: the relay verifies JWTs"), "{out}");
 }
 
 /// A client that authenticates as `sa` in `ns` with a fresh bound token,
@@ -521,7 +640,7 @@ async fn helm_install_and_least_privilege_rbac() {
     // Fixtures made by the admin: a Sprite, a ConfigMap, a Secret.
     let sprite: Sprite = serde_json::from_value(json!({
         "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
-        "metadata": {"name": "rbac-probe"}, "spec": {},
+        "metadata": {"name": "rbac-probe"}, "spec": {"userRef": {"name": "rbac-probe"}},
     }))
     .unwrap();
     ns.api::<Sprite>()
@@ -573,6 +692,11 @@ async fn helm_install_and_least_privilege_rbac() {
         .create(&PostParams::default(), &lease)
         .await
         .expect("controller creates its Lease in the release namespace");
+    // The relay's session Leases, listed the way the controller watches them.
+    Api::<Lease>::namespaced(c.clone(), &ns.name)
+        .list(&ListParams::default().labels(&format!("{}=true", session::SESSION_LABEL)))
+        .await
+        .expect("controller lists session Leases in the release namespace");
 
     // ...and nothing else.
     assert!(
@@ -599,6 +723,10 @@ async fn helm_install_and_least_privilege_rbac() {
         ),
         "the controller may write Leases outside the release namespace"
     );
+    assert!(
+        !can(&c, "list", "coordination.k8s.io", "leases", Some("default")).await,
+        "the controller may read Leases outside the release namespace"
+    );
     let n = Some(ns.name.as_str());
     let matrix: &[(&str, &str, &str, bool)] = &[
         ("watch", "sprite-operator.dev", "sprites", true),
@@ -614,6 +742,7 @@ async fn helm_install_and_least_privilege_rbac() {
         ("create", "events.k8s.io", "events", true),
         ("patch", "events.k8s.io", "events", true),
         ("create", "", "events", false),
+        ("watch", "coordination.k8s.io", "leases", true),
         ("delete", "coordination.k8s.io", "leases", false),
         ("list", "", "namespaces", false),
     ];
@@ -626,20 +755,44 @@ async fn helm_install_and_least_privilege_rbac() {
         );
     }
 
-    // The relay: reads Users and Sprites, annotates Sprites, never Secrets.
+    // The relay: reads Users and Sprites, never Secrets, and writes nothing
+    // of sprite-operator.dev. A Sprite's spec decides what runs in a tenant's
+    // VM (server.command, env from Secrets), so a relay that could patch
+    // Sprites would be a way into every tenant's VM; its one write is the
+    // session Lease, in the release namespace only.
     let r = client_as(&ns, &sa_relay).await;
     Api::<User>::all(r.clone())
         .list(&ListParams::default())
         .await
         .expect("relay lists Users");
-    Api::<Sprite>::namespaced(r.clone(), &ns.name)
-        .patch(
-            "rbac-probe",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"sprite-operator.dev/probe": "1"}}})),
-        )
+    Api::<Sprite>::all(r.clone())
+        .list(&ListParams::default())
         .await
-        .expect("relay annotates Sprites");
+        .expect("relay lists Sprites");
+    let relay_sprites = Api::<Sprite>::namespaced(r.clone(), &ns.name);
+    relay_sprites
+        .get("rbac-probe")
+        .await
+        .expect("relay gets a Sprite");
+    for (what, body) in [
+        (
+            "annotate",
+            json!({"metadata": {"annotations": {"sprite-operator.dev/probe": "1"}}}),
+        ),
+        (
+            "change the server command of",
+            json!({"spec": {"server": {"command": ["sh", "-c", "id"]}}}),
+        ),
+    ] {
+        assert!(
+            is_forbidden(
+                relay_sprites
+                    .patch("rbac-probe", &PatchParams::default(), &Patch::Merge(body))
+                    .await
+            ),
+            "the relay may {what} a Sprite"
+        );
+    }
     assert!(
         is_forbidden(
             Api::<Secret>::namespaced(r.clone(), &ns.name)
@@ -648,12 +801,72 @@ async fn helm_install_and_least_privilege_rbac() {
         ),
         "the relay may read Secrets"
     );
+
+    // Session Leases in the release namespace: the Lease exactly as the relay
+    // writes it, by server-side apply (the first apply creates, the next
+    // renews)...
+    let leases = Api::<Lease>::namespaced(r.clone(), &ns.name);
+    let apply = PatchParams::apply("sprite-operator-relay").force();
+    let session_lease = |lease_ns: &str| {
+        session::lease(
+            lease_ns,
+            &ns.name,
+            "rbac-probe",
+            "relay-0",
+            jiff::Timestamp::now(),
+            std::time::Duration::from_secs(120),
+        )
+    };
+    let body = session_lease(ns.name.as_str());
+    let name = body.metadata.name.clone().unwrap();
+    for what in ["creates", "renews"] {
+        leases
+            .patch(&name, &apply, &Patch::Apply(&body))
+            .await
+            .unwrap_or_else(|e| panic!("relay {what} a session Lease by apply: {e}"));
+    }
+    // ...and by plain create and update.
+    let probe: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "relay-probe"},
+        "spec": {"holderIdentity": "relay-0", "leaseDurationSeconds": 120},
+    }))
+    .unwrap();
+    let mut renewed = leases
+        .create(&PostParams::default(), &probe)
+        .await
+        .expect("relay creates a Lease in the release namespace");
+    renewed.spec.as_mut().unwrap().lease_duration_seconds = Some(60);
+    leases
+        .replace("relay-probe", &PostParams::default(), &renewed)
+        .await
+        .expect("relay updates a Lease in the release namespace");
+    leases
+        .list(&ListParams::default().labels(&format!("{}=true", session::SESSION_LABEL)))
+        .await
+        .expect("relay lists session Leases");
+    // Anywhere else a Lease could pass for another component's (leader
+    // election of other controllers, node heartbeats): forbidden.
+    let elsewhere = Api::<Lease>::namespaced(r.clone(), "default");
+    assert!(
+        is_forbidden(elsewhere.create(&PostParams::default(), &probe).await),
+        "the relay may create Leases outside the release namespace"
+    );
+    let body = session_lease("default");
+    assert!(
+        is_forbidden(elsewhere.patch(&name, &apply, &Patch::Apply(&body)).await),
+        "the relay may apply Leases outside the release namespace"
+    );
     for (verb, group, resource, want) in [
         ("watch", "sprite-operator.dev", "users", true),
+        ("watch", "sprite-operator.dev", "sprites", true),
         ("patch", "sprite-operator.dev", "users", false),
+        ("patch", "sprite-operator.dev", "sprites", false),
+        ("update", "sprite-operator.dev", "sprites", false),
+        ("create", "sprite-operator.dev", "sprites", false),
         ("patch", "sprite-operator.dev", "sprites/status", false),
         ("list", "", "secrets", false),
-        ("create", "coordination.k8s.io", "leases", false),
+        ("watch", "coordination.k8s.io", "leases", true),
+        ("delete", "coordination.k8s.io", "leases", false),
     ] {
         assert_eq!(
             can(&r, verb, group, resource, n).await,

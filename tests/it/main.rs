@@ -14,4 +14,5 @@ mod sprites_client;
 mod sprites_conformance;
 mod sprites_faults;
 mod sprites_wire;
+mod tenancy;
 mod user_controller;

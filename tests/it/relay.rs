@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use sprite_operator::api::sprite::SESSION_ANNOTATION;
-use sprite_operator::api::{Sprite, User};
+use sprite_operator::api::User;
+use sprite_operator::api::session;
+use sprite_operator::api::sprite::default_vm_name;
 use sprite_operator::relay::{
     self, Connector, Directory, JwtVerifier, RelayConfig, RelayHandle, SUBPROTOCOL, gateway_token_sha256,
 };
@@ -27,7 +28,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::common::{eventually, say};
 use crate::sprite_controller::{Env, SIM_TOKEN, apply, sprite_doc};
 
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const HS_SECRET: &[u8] = b"relay-it-shared-secret-0123456789abcdef";
 const ALICE_TOKEN: &str = "a1ce0000111122223333444455556666";
@@ -57,8 +58,10 @@ fn hs256(claims: Value, secret: &[u8]) -> String {
 /// A User with a subject whose gateway token is `token`: its Secret exists
 /// first, so the User reconciler publishes that token's hash.
 async fn create_user(env: &Env, name: &str, subject: &str, token: &str) {
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{name}-gateway")},
-        "stringData": {"token": token}});
+    // Labelled with the User's name: a gateway Secret that nothing marks as
+    // the User's is not used (docs/tenancy.md).
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{name}-gateway"),
+        "labels": {"sprite-operator.dev/user": name}}, "stringData": {"token": token}});
     apply(&env.ns, &secret).await;
     let doc = json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User",
         "metadata": {"name": name}, "spec": {"email": format!("{name}@example.com"), "subject": subject, "tier": "free"}});
@@ -80,7 +83,16 @@ async fn create_sprite(env: &Env, name: &str, user: &str) {
 }
 
 async fn start_relay(env: &Env, tune: impl FnOnce(&mut RelayConfig)) -> RelayHandle {
-    let (directory, watch) = Directory::watch(env.ns.client.clone(), Some(&env.ns.name));
+    start_relay_over(env, Some(&env.ns.name), tune).await
+}
+
+/// A relay watching `namespace`, or every namespace with None.
+pub(crate) async fn start_relay_over(
+    env: &Env,
+    namespace: Option<&str>,
+    tune: impl FnOnce(&mut RelayConfig),
+) -> RelayHandle {
+    let (directory, watch) = Directory::watch(env.ns.client.clone(), namespace);
     tokio::spawn(watch);
     let jwt = JwtVerifier::none()
         .with_hs256_secret(HS_SECRET)
@@ -118,27 +130,35 @@ async fn start_relay(env: &Env, tune: impl FnOnce(&mut RelayConfig)) -> RelayHan
 
 /// Waits until the relay's cache holds `user` with a token hash.
 async fn wait_cached(handle: &RelayHandle, user: &str) {
+    wait_cached_where(handle, user, |u| {
+        u.metadata.name.as_deref() == Some(user)
+            && u.status
+                .as_ref()
+                .is_some_and(|s| s.gateway_token_sha256.is_some())
+    })
+    .await
+}
+
+/// Waits until the relay's cache holds a User whose token is `token`.
+pub(crate) async fn wait_cached_token(handle: &RelayHandle, token: &str) {
+    let want = gateway_token_sha256(token);
+    wait_cached_where(handle, "a User with the token", |u| {
+        u.status.as_ref().and_then(|s| s.gateway_token_sha256.as_deref()) == Some(want.as_str())
+    })
+    .await
+}
+
+async fn wait_cached_where(handle: &RelayHandle, what: &str, pred: impl Fn(&User) -> bool) {
     let dir = handle.relay().directory.clone();
-    eventually(&format!("{user} in the relay's cache"), 30, || {
-        let dir = dir.clone();
-        async move {
-            dir.users()
-                .iter()
-                .any(|u| {
-                    u.metadata.name.as_deref() == Some(user)
-                        && u.status
-                            .as_ref()
-                            .is_some_and(|s| s.gateway_token_sha256.is_some())
-                })
-                .then_some(())
-                .ok_or_else(|| "not cached".to_string())
-        }
+    eventually(&format!("{what} in the relay's cache"), 30, || {
+        let found = dir.users().iter().any(|u| pred(u));
+        async move { found.then_some(()).ok_or_else(|| "not cached".to_string()) }
     })
     .await
 }
 
 /// Connects as a browser does: our subprotocol and the token.
-async fn connect_browser(
+pub(crate) async fn connect_browser(
     handle: &RelayHandle,
     token: &str,
     query: &str,
@@ -175,7 +195,7 @@ async fn connect_bearer(
     tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
 }
 
-async fn next_json(ws: &mut Client, secs: u64) -> Result<Value, String> {
+pub(crate) async fn next_json(ws: &mut Client, secs: u64) -> Result<Value, String> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(secs), ws.next())
             .await
@@ -191,7 +211,7 @@ async fn next_json(ws: &mut Client, secs: u64) -> Result<Value, String> {
 }
 
 /// The close code the relay ends this connection with.
-async fn close_code(ws: &mut Client) -> Option<u16> {
+pub(crate) async fn close_code(ws: &mut Client) -> Option<u16> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -209,7 +229,7 @@ async fn send(ws: &mut Client, v: Value) {
 }
 
 /// Sends a ping with `id` and returns the pong's payload (the ack first).
-async fn ping(ws: &mut Client, id: &str) -> Value {
+pub(crate) async fn ping(ws: &mut Client, id: &str) -> Value {
     send(ws, json!({"type": "ping", "payload": {"n": id}, "id": id})).await;
     let mut acked = false;
     loop {
@@ -241,8 +261,8 @@ async fn relay_authenticates_routes_and_refuses_before_any_upstream_work() {
     let relay = start_relay(&env, |_| {}).await;
     wait_cached(&relay, "alice").await;
     wait_cached(&relay, "bob").await;
-    let alice_vm = format!("{}-alice-primary", env.ns.name);
-    let bob_vm = format!("{}-bob-primary", env.ns.name);
+    let alice_vm = default_vm_name(&env.ns.name, "alice-primary");
+    let bob_vm = default_vm_name(&env.ns.name, "bob-primary");
     env.wait_ready("alice-primary", 240).await;
 
     // The gateway token in the subprotocol reaches alice's runtime.
@@ -445,7 +465,7 @@ async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
     create_sprite(&env, "carol-primary", "carol").await;
     let relay = start_relay(&env, |c| c.idle_timeout = Duration::from_secs(4)).await;
     wait_cached(&relay, "carol").await;
-    let vm = format!("{}-carol-primary", env.ns.name);
+    let vm = default_vm_name(&env.ns.name, "carol-primary");
     env.wait_ready("carol-primary", 240).await;
 
     let mut ws = connect_browser(&relay, ALICE_TOKEN, "?session=tab-1")
@@ -537,20 +557,15 @@ async fn relay_resends_unacked_messages_after_the_vm_sleeps() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // While the session is live the Sprite carries a lease in the future.
-    let sprites = env.ns.api::<Sprite>();
-    eventually("the session lease annotation", 30, || async {
-        let s = sprites.get("carol-primary").await.map_err(|e| e.to_string())?;
-        let v = s
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SESSION_ANNOTATION))
-            .ok_or("no annotation")?;
-        let until: jiff::Timestamp = v.parse().map_err(|e| format!("{v}: {e}"))?;
+    // While the session is live the relay keeps the Sprite's Lease renewed.
+    let leases = env.ns.api::<k8s_openapi::api::coordination::v1::Lease>();
+    let lease_name = session::lease_name(&env.ns.name, "carol-primary");
+    eventually("the session Lease", 30, || async {
+        let l = leases.get(&lease_name).await.map_err(|e| e.to_string())?;
+        let until = session::live_until(&l).ok_or("no renewTime")?;
         (until > jiff::Timestamp::now())
             .then_some(())
-            .ok_or(format!("stale: {v}"))
+            .ok_or(format!("stale: {until}"))
     })
     .await;
 
@@ -576,7 +591,7 @@ fn fixed_directory(user: &str, token: &str) -> Directory {
         "apiVersion: sprite-operator.dev/v1alpha1\nkind: User\nmetadata: {{name: {user}, namespace: ns}}\n\
          spec: {{email: {user}@example.com, subject: {user}, tier: free}}\nstatus: {{gatewayTokenSha256: \"{}\"}}\n---\n\
          apiVersion: sprite-operator.dev/v1alpha1\nkind: Sprite\nmetadata: {{name: {user}-primary, namespace: ns}}\n\
-         spec: {{userRef: {{name: {user}}}}}\n",
+         spec: {{userRef: {{name: {user}}}}}\nstatus: {{ownedVm: {{name: vm-{user}, id: vm-{user}}}}}\n",
         gateway_token_sha256(token)
     ))
     .unwrap()

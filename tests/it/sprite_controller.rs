@@ -71,6 +71,8 @@ impl Env {
             config,
             clock,
         };
+        // Every Sprite belongs to a User: the ones that name none get this one.
+        apply(&env.ns, &user_doc(OWNER, "enterprise")).await;
         env.start_controller();
         Some(env)
     }
@@ -82,6 +84,20 @@ impl Env {
     pub fn start_controller(&mut self) {
         let client = self.ns.client.clone();
         self.start_controller_as(client, false);
+    }
+
+    /// Replaces the controller with one that watches `namespaces`.
+    pub async fn start_controller_over(&mut self, namespaces: Vec<String>) {
+        self.kill_controller().await;
+        let ctx = Arc::new(Context::new(
+            self.ns.client.clone(),
+            self.sprites.clone(),
+            self.config.clone(),
+            self.clock.clone(),
+        ));
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(controller::run(ctx, namespaces, token.clone()));
+        self.controller = Some((token, handle));
     }
 
     /// Runs the controller with `client`'s credentials (e.g. a
@@ -118,7 +134,6 @@ impl Env {
     }
 
     /// Kills the controller as a crash would: no graceful shutdown.
-    #[allow(dead_code)] // for crash-recovery tests
     pub async fn kill_controller(&mut self) {
         if let Some((_, handle)) = self.controller.take() {
             handle.abort();
@@ -199,8 +214,22 @@ pub async fn apply(ns: &TestNs, doc: &Value) {
         .unwrap_or_else(|e| panic!("apply {}: {e}", doc["kind"]));
 }
 
-pub fn sprite_doc(name: &str, spec: Value) -> Value {
+/// The User that [`Env`] makes in every namespace, and that [`sprite_doc`]
+/// names when the spec names none.
+pub const OWNER: &str = "owner";
+
+/// A Sprite; without a `userRef` in `spec` it belongs to [`OWNER`].
+pub fn sprite_doc(name: &str, mut spec: Value) -> Value {
+    if spec.get("userRef").is_none() {
+        spec["userRef"] = json!({"name": OWNER});
+    }
     json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite", "metadata": {"name": name}, "spec": spec})
+}
+
+/// A User without a primary Sprite template.
+pub fn user_doc(name: &str, tier: &str) -> Value {
+    json!({"apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "metadata": {"name": name},
+        "spec": {"email": format!("{name}@example.com"), "subject": format!("it|{name}|{}", uuid::Uuid::new_v4().simple()), "tier": tier}})
 }
 
 /// Opens a WebSocket to the runtime server through the sim's TCP proxy and
@@ -238,6 +267,8 @@ async fn example_sprite_becomes_ready_with_the_documented_layout() {
     let Some(env) = Env::new("sprite-ready").await else {
         return;
     };
+    // The example's Sprite names alice; she comes without a primary Sprite here.
+    apply(&env.ns, &user_doc("alice", "enterprise")).await;
     env.apply_example("secret-api-keys.yaml").await;
     env.apply_example("sprite.yaml").await;
     let s = env.wait_ready("research", 180).await;

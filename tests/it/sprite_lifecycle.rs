@@ -10,7 +10,8 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sprite_operator::api::Sprite;
 use sprite_operator::api::conditions::find;
-use sprite_operator::api::sprite::{BootstrapStep, SESSION_ANNOTATION};
+use sprite_operator::api::session;
+use sprite_operator::api::sprite::BootstrapStep;
 use sprite_operator::runtime::RuntimeBundle;
 
 use crate::common::{TestNs, eventually};
@@ -283,15 +284,19 @@ async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
         Some("cm-1")
     );
 
-    // A live relay session means the VM is awake anyway: now it updates.
-    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(2)).to_string();
+    // A live relay session (its Lease, as the relay writes it) means the VM
+    // is awake anyway: now it updates.
+    let lease = session::lease(
+        &env.ns.name,
+        &env.ns.name,
+        "lazy",
+        "it-relay",
+        jiff::Timestamp::now(),
+        Duration::from_secs(120),
+    );
     env.ns
-        .api::<Sprite>()
-        .patch(
-            "lazy",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {SESSION_ANNOTATION: until}}})),
-        )
+        .api::<k8s_openapi::api::coordination::v1::Lease>()
+        .create(&kube::api::PostParams::default(), &lease)
         .await
         .unwrap();
     wait_deployed(&env.ns, "lazy", "cm-2").await;

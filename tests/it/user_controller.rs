@@ -45,7 +45,7 @@ async fn example_user_gets_a_primary_sprite_and_a_gateway_token() {
     env.apply_example("user.yaml").await;
     let sprite = env.wait_ready("alice-primary", 180).await;
     // The template flowed into the Sprite, owned by the User.
-    assert_eq!(sprite.spec.user_ref.as_ref().unwrap().name, "alice");
+    assert_eq!(sprite.spec.user_ref.name, "alice");
     assert_eq!(
         sprite.spec.template.resources.as_ref().unwrap().ram_mb,
         Some(4096)

@@ -124,3 +124,33 @@ clear message when there is none.
 {{- define "sprite-operator.rbacKind" -}}
 {{- if .Values.watchNamespace }}Role{{ else }}ClusterRole{{ end }}
 {{- end }}
+
+{{/* Is JWT verification configured in the relay (an HS256 secret or a JWKS)? "true" or "". */}}
+{{- define "sprite-operator.jwtConfigured" -}}
+{{- if or .Values.relay.jwt.hs256SecretName .Values.relay.jwt.jwksConfigMap }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the relay verifies JWTs without checking `iss` or `aud`, which
+relay.jwt.allowMissingIssuerAndAudience must have allowed.
+*/}}
+{{- define "sprite-operator.jwtUnscoped" -}}
+{{- $jwt := .Values.relay.jwt }}
+{{- if and (include "sprite-operator.jwtConfigured" .) (or (not $jwt.issuer) (not $jwt.audience)) }}true{{ end }}
+{{- end }}
+
+{{/*
+Fails the render when JWT verification is configured without an issuer and an
+audience: a signature alone only proves the identity provider minted the
+token, for any of its applications, so a token meant for another application
+would open a Sprite session.
+*/}}
+{{- define "sprite-operator.checkJwt" -}}
+{{- $jwt := .Values.relay.jwt }}
+{{- if and (include "sprite-operator.jwtUnscoped" .) (not $jwt.allowMissingIssuerAndAudience) }}
+{{- $missing := list }}
+{{- if not $jwt.issuer }}{{ $missing = append $missing "relay.jwt.issuer" }}{{ end }}
+{{- if not $jwt.audience }}{{ $missing = append $missing "relay.jwt.audience" }}{{ end }}
+{{- fail (printf "\n\nrelay.jwt.hs256SecretName or relay.jwt.jwksConfigMap is set, so the relay verifies JWTs, but these are empty: %s. Without both an issuer and an audience the relay would accept a token the identity provider minted for any of its applications. Set relay.jwt.issuer and relay.jwt.audience (the `iss` and `aud` of tokens minted for the relay), or, only if that identity provider mints tokens for the relay alone, set relay.jwt.allowMissingIssuerAndAudience=true.\n" (join ", " $missing)) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,108 @@
+//! The session Lease: how the relay tells the controller that a browser
+//! session keeps a Sprite's VM awake, without any write access to Sprites.
+//!
+//! While a session is live the relay keeps one `coordination.k8s.io/v1`
+//! Lease per Sprite renewed. The Lease lives in the relay's lease namespace
+//! (the chart's release namespace) or, without one, in the Sprite's own; its
+//! name is derived from the Sprite, so the controller reads exactly the
+//! Lease that can speak for a Sprite and nothing a tenant labelled alike.
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::ObjectMeta;
+use sha2::{Digest, Sha256};
+
+/// Label on every session Lease: the controller watches only these.
+pub const SESSION_LABEL: &str = "sprite-operator.dev/session";
+/// Annotation naming the Sprite as `<namespace>/<name>`, for mapping a
+/// Lease event to its Sprite (a Sprite's name may be longer than a label).
+pub const SPRITE_ANNOTATION: &str = "sprite-operator.dev/sprite";
+
+/// `sprite-session-` and 20 hex digits of SHA-256 over `<namespace>/<name>`:
+/// short, valid whatever the Sprite's name, and different for
+/// `acme`/`corp-x` and `acme-corp`/`x`.
+pub fn lease_name(namespace: &str, sprite: &str) -> String {
+    let digest = hex::encode(Sha256::digest(format!("{namespace}/{sprite}").as_bytes()));
+    format!("sprite-session-{}", &digest[..20])
+}
+
+/// The namespace the Lease of a Sprite in `sprite_namespace` lives in.
+pub fn lease_namespace<'a>(configured: Option<&'a str>, sprite_namespace: &'a str) -> &'a str {
+    configured.unwrap_or(sprite_namespace)
+}
+
+/// The Lease that says a session of (namespace, sprite) is live until
+/// `now + duration`.
+pub fn lease(
+    lease_namespace: &str,
+    namespace: &str,
+    sprite: &str,
+    holder: &str,
+    now: Timestamp,
+    duration: std::time::Duration,
+) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name(namespace, sprite)),
+            namespace: Some(lease_namespace.into()),
+            labels: Some([(SESSION_LABEL.to_string(), "true".to_string())].into()),
+            annotations: Some([(SPRITE_ANNOTATION.to_string(), format!("{namespace}/{sprite}"))].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)),
+            renew_time: Some(MicroTime(now)),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The Sprite a session Lease speaks for, from its annotation.
+pub fn sprite_of(lease: &Lease) -> Option<(String, String)> {
+    let value = lease.metadata.annotations.as_ref()?.get(SPRITE_ANNOTATION)?;
+    let (ns, name) = value.split_once('/')?;
+    Some((ns.to_string(), name.to_string()))
+}
+
+/// Until when the Lease says a session is live, if it says so at all.
+pub fn live_until(lease: &Lease) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let secs = i64::from(spec.lease_duration_seconds?.max(0));
+    renewed.checked_add(jiff::SignedDuration::from_secs(secs)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_differ_where_dash_joined_names_collide() {
+        assert_ne!(lease_name("acme", "corp-x"), lease_name("acme-corp", "x"));
+        assert_eq!(lease_name("a", "b").len(), "sprite-session-".len() + 20);
+    }
+
+    #[test]
+    fn a_lease_round_trips_its_sprite_and_expiry() {
+        let now: Timestamp = "2026-03-01T10:00:00Z".parse().unwrap();
+        let l = lease(
+            "ops",
+            "acme",
+            "alice.primary",
+            "relay-0",
+            now,
+            std::time::Duration::from_secs(120),
+        );
+        assert_eq!(l.metadata.namespace.as_deref(), Some("ops"));
+        assert_eq!(sprite_of(&l), Some(("acme".into(), "alice.primary".into())));
+        assert_eq!(live_until(&l), Some("2026-03-01T10:02:00Z".parse().unwrap()));
+        let mut stale = l.clone();
+        stale.spec.as_mut().unwrap().renew_time = None;
+        assert_eq!(live_until(&stale), None);
+        // The API's wire form of renewTime is RFC 3339 with microseconds.
+        let json = serde_json::to_value(&l).unwrap();
+        assert_eq!(json["spec"]["renewTime"], "2026-03-01T10:00:00.000000Z");
+    }
+}
