@@ -16,9 +16,11 @@ use crate::common::{TestNs, eventually};
 use crate::relay::{close_code, connect_browser, ping, start_relay_over, wait_cached_token};
 use crate::sprite_controller::{Env, apply, sprite_doc};
 
-const VICTIM_TOKEN: &str = "7a11c3e0aaaabbbbccccddddeeeeffff";
-const ATTACKER_TOKEN: &str = "a77ac6e2aaaabbbbccccddddeeeeffff";
-const BOB_TOKEN: &str = "b0b0b0b0aaaabbbbccccddddeeeeffff";
+/// A fresh gateway token: the relay below watches every namespace, and a
+/// token that another test's User also holds is refused as ambiguous.
+fn token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
 
 /// Calls that act on or inside a VM; metadata reads (get, list) are not.
 fn acts_on_vm(route: &str) -> bool {
@@ -100,18 +102,26 @@ async fn tenants_in_colliding_namespaces_never_reach_each_others_vms() {
     let victim_ns = &env.ns;
 
     // `<x>-corp-alice-primary` under the old dash-joined default, for both.
-    tenant(victim_ns, "corp-alice", &unique("idp|victim"), VICTIM_TOKEN, true).await;
+    let (victim_token, attacker_token, bob_token) = (token(), token(), token());
+    tenant(
+        victim_ns,
+        "corp-alice",
+        &unique("idp|victim"),
+        &victim_token,
+        true,
+    )
+    .await;
     tenant(
         &attacker_ns,
         "alice",
         &unique("idp|attacker"),
-        ATTACKER_TOKEN,
+        &attacker_token,
         true,
     )
     .await;
     // Another User in the attacker's namespace, whose gateway Secret the
     // attacker's Sprite will name.
-    tenant(&attacker_ns, "bob", &unique("idp|bob"), BOB_TOKEN, false).await;
+    tenant(&attacker_ns, "bob", &unique("idp|bob"), &bob_token, false).await;
 
     let victim_vm = active_vm(victim_ns, "corp-alice-primary", 240).await;
     let attacker_vm = active_vm(&attacker_ns, "alice-primary", 240).await;
@@ -155,12 +165,12 @@ async fn tenants_in_colliding_namespaces_never_reach_each_others_vms() {
 
     // The relay watches every namespace, as a cluster-wide install does.
     let relay = start_relay_over(&env, None, |_| {}).await;
-    for token in [VICTIM_TOKEN, ATTACKER_TOKEN] {
-        wait_cached_token(&relay, token).await;
+    for t in [&victim_token, &attacker_token] {
+        wait_cached_token(&relay, t).await;
     }
 
     // The attacker's own session reaches the attacker's runtime.
-    let mut ws = connect_browser(&relay, ATTACKER_TOKEN, "")
+    let mut ws = connect_browser(&relay, &attacker_token, "")
         .await
         .expect("upgrade");
     assert_eq!(ping(&mut ws, "mine").await["echo"], json!({"n": "mine"}));
@@ -173,13 +183,13 @@ async fn tenants_in_colliding_namespaces_never_reach_each_others_vms() {
         "the attacker's session went elsewhere"
     );
     // Sprites that name the victim's VM are refused as a missing one is.
-    let mut missing = connect_browser(&relay, ATTACKER_TOKEN, "?sprite=no-such-sprite")
+    let mut missing = connect_browser(&relay, &attacker_token, "?sprite=no-such-sprite")
         .await
         .expect("upgrade");
     let missing_code = close_code(&mut missing).await;
     assert!(missing_code.is_some());
     for name in ["squat", "grab"] {
-        let mut ws = connect_browser(&relay, ATTACKER_TOKEN, &format!("?sprite={name}"))
+        let mut ws = connect_browser(&relay, &attacker_token, &format!("?sprite={name}"))
             .await
             .expect("upgrade");
         assert_eq!(close_code(&mut ws).await, missing_code, "{name}");
@@ -230,7 +240,7 @@ async fn tenants_in_colliding_namespaces_never_reach_each_others_vms() {
         .expect("deputy VM")
         .name;
     if let Ok(env_file) = env.sprites.read_file(&deputy_vm, runtime::SERVER_ENV_PATH).await {
-        assert!(!String::from_utf8_lossy(&env_file).contains(BOB_TOKEN));
+        assert!(!String::from_utf8_lossy(&env_file).contains(&bob_token));
     }
     assert!(deputy.status.unwrap().server_session_id.is_none());
 
@@ -244,7 +254,7 @@ async fn tenants_in_colliding_namespaces_never_reach_each_others_vms() {
     );
 
     // The victim's sessions keep working, on the victim's own VM.
-    let mut ws = connect_browser(&relay, VICTIM_TOKEN, "").await.expect("upgrade");
+    let mut ws = connect_browser(&relay, &victim_token, "").await.expect("upgrade");
     assert_eq!(
         ping(&mut ws, "still-mine").await["echo"],
         json!({"n": "still-mine"})
@@ -272,8 +282,8 @@ async fn a_shared_subject_is_flagged_on_every_user_in_every_namespace() {
         .await;
     let victim_ns = &env.ns;
     let subject = unique("idp|shared");
-    tenant(victim_ns, "corp-alice", &subject, VICTIM_TOKEN, false).await;
-    tenant(&other_ns, "alice", &subject, ATTACKER_TOKEN, false).await;
+    tenant(victim_ns, "corp-alice", &subject, &token(), false).await;
+    tenant(&other_ns, "alice", &subject, &token(), false).await;
 
     let flagged = |ns: &TestNs, name: &'static str, names: String| {
         let api = ns.api::<User>();
