@@ -25,6 +25,11 @@ pub struct OperatorConfig {
     pub idle_tail: Duration,
     /// Which Secrets a Sprite's `server.env` may name.
     pub secret_references: SecretReferences,
+    /// How often every VM's metadata is listed (one paginated list for the
+    /// whole fleet, decision 3); a VM that changed in between is noticed
+    /// within this.
+    #[serde(with = "humantime_serde_compat")]
+    pub vm_list_interval: Duration,
 }
 
 /// The platform team's rule for Secrets that Sprites name: the controller
@@ -111,6 +116,7 @@ impl Default for OperatorConfig {
             pip_args: vec![],
             idle_tail: Duration::from_secs(30),
             secret_references: SecretReferences::default(),
+            vm_list_interval: Duration::from_secs(60),
         }
     }
 }
@@ -143,6 +149,10 @@ impl OperatorConfig {
         cfg.tiers.extend(partial.tiers);
         if let Some(p) = partial.pip_args {
             cfg.pip_args = p;
+        }
+        if let Some(d) = partial.vm_list_interval {
+            cfg.vm_list_interval =
+                humantime::parse_duration(&d).map_err(|e| format!("vmListInterval: {e}"))?;
         }
         if let Some(r) = partial.secret_references {
             cfg.secret_references = r;
@@ -192,6 +202,8 @@ struct PartialConfig {
     idle_tail: Option<String>,
     #[serde(default)]
     secret_references: Option<SecretReferences>,
+    #[serde(default)]
+    vm_list_interval: Option<String>,
 }
 
 /// Optional durations as humantime strings.

@@ -32,13 +32,15 @@ pub fn lease_namespace<'a>(configured: Option<&'a str>, sprite_namespace: &'a st
     configured.unwrap_or(sprite_namespace)
 }
 
-/// The Lease that says a session of (namespace, sprite) is live until
-/// `now + duration`.
+/// The Lease that says sessions of (namespace, sprite) have been live since
+/// `acquired` and are until `now + duration`. The controller bills the time
+/// between `acquired` and the last renewal.
 pub fn lease(
     lease_namespace: &str,
     namespace: &str,
     sprite: &str,
     holder: &str,
+    acquired: Timestamp,
     now: Timestamp,
     duration: std::time::Duration,
 ) -> Lease {
@@ -53,6 +55,7 @@ pub fn lease(
         spec: Some(LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)),
+            acquire_time: Some(MicroTime(acquired)),
             renew_time: Some(MicroTime(now)),
             ..Default::default()
         }),
@@ -66,12 +69,37 @@ pub fn sprite_of(lease: &Lease) -> Option<(String, String)> {
     Some((ns.to_string(), name.to_string()))
 }
 
+/// What a session Lease says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// Start of this run of sessions.
+    pub acquired: Timestamp,
+    /// Sessions were live at least until here.
+    pub renewed: Timestamp,
+    /// They may be live until here; after it, the run has ended.
+    pub until: Timestamp,
+}
+
+/// What the Lease says, if it says anything.
+pub fn live(lease: &Lease) -> Option<Live> {
+    let spec = lease.spec.as_ref()?;
+    // Whole seconds: what accounting records of them goes through status's
+    // `Time`, which keeps no more, and a run is recognised by its start.
+    let second = |t: Timestamp| Timestamp::from_second(t.as_second()).unwrap_or(t);
+    let renewed = second(spec.renew_time.as_ref()?.0);
+    let acquired = second(spec.acquire_time.as_ref().map_or(renewed, |t| t.0)).min(renewed);
+    let secs = i64::from(spec.lease_duration_seconds?.max(0));
+    let until = renewed.checked_add(jiff::SignedDuration::from_secs(secs)).ok()?;
+    Some(Live {
+        acquired,
+        renewed,
+        until,
+    })
+}
+
 /// Until when the Lease says a session is live, if it says so at all.
 pub fn live_until(lease: &Lease) -> Option<Timestamp> {
-    let spec = lease.spec.as_ref()?;
-    let renewed = spec.renew_time.as_ref()?.0;
-    let secs = i64::from(spec.lease_duration_seconds?.max(0));
-    renewed.checked_add(jiff::SignedDuration::from_secs(secs)).ok()
+    live(lease).map(|l| l.until)
 }
 
 #[cfg(test)]
@@ -87,14 +115,28 @@ mod tests {
     #[test]
     fn a_lease_round_trips_its_sprite_and_expiry() {
         let now: Timestamp = "2026-03-01T10:00:00Z".parse().unwrap();
+        let start: Timestamp = "2026-03-01T09:30:00Z".parse().unwrap();
         let l = lease(
             "ops",
             "acme",
             "alice.primary",
             "relay-0",
+            start,
             now,
             std::time::Duration::from_secs(120),
         );
+        assert_eq!(live(&l).unwrap().acquired, start);
+        // Accounting keys a run by its start in whole seconds.
+        let fine = lease(
+            "ops",
+            "a",
+            "b",
+            "r",
+            start + jiff::SignedDuration::from_millis(250),
+            now,
+            std::time::Duration::from_secs(1),
+        );
+        assert_eq!(live(&fine).unwrap().acquired, start);
         assert_eq!(l.metadata.namespace.as_deref(), Some("ops"));
         assert_eq!(sprite_of(&l), Some(("acme".into(), "alice.primary".into())));
         assert_eq!(live_until(&l), Some("2026-03-01T10:02:00Z".parse().unwrap()));

@@ -21,6 +21,10 @@ pub const SPRITE_ENV_LABEL: &str = "sprite-operator.dev/sprite-env";
 /// its primary Sprite); its value is the User's name.
 pub const USER_LABEL: &str = "sprite-operator.dev/user";
 pub const FINALIZER: &str = "sprite-operator.dev/cleanup";
+/// Annotation that stops every action on a Sprite or a User while it is
+/// `"true"` (status says so in a `Paused` condition); removing it resumes
+/// where reconciliation stopped.
+pub const PAUSED_ANNOTATION: &str = "sprite-operator.dev/paused";
 
 pub const DEFAULT_PORT: i32 = 8765;
 pub const DEFAULT_HEARTBEAT_DURATION: &str = "2m";
@@ -386,6 +390,28 @@ pub struct SpriteStatus {
     /// Session id of the detached runtime server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_session_id: Option<String>,
+    /// Hash of what the running server was started with (`spec.server` and
+    /// the versions of the Secrets it names); a different desired hash
+    /// restarts it under the update policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_config_hash: Option<String>,
+    /// The port the running server was started on: the relay connects here,
+    /// so a port change in spec reaches sessions once the server moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_port: Option<i32>,
+    /// Attempts to update to the desired version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStatus>,
+    /// The step that failed last and how often in a row; cleared when that
+    /// step succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<StepFailure>,
+    /// The outcome of the last heartbeat collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_result: Option<HeartbeatResult>,
+    /// What of the relay's session time has been accounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_billing: Option<SessionBilling>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,9 +434,71 @@ pub struct SpriteStatus {
     /// Usage in the current billing period (the UTC month); the User sums these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::api::user::Usage>,
-    /// Wakes the operator caused (heartbeats and Immediate updates).
+    /// Wakes of the VM the operator caused or saw, in all.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wakes: i64,
+    /// The same wakes by cause: `heartbeat`, `update`, `bootstrap`,
+    /// `server` (a start or stop of the runtime server), `session` (a relay
+    /// session that found the VM asleep).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub wakes_by_cause: std::collections::BTreeMap<String, i64>,
+}
+
+/// Update attempts of one version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStatus {
+    /// The version being updated to.
+    pub version: String,
+    /// Failed attempts of that version in a row.
+    #[serde(default)]
+    pub attempts: i32,
+    /// True after the last allowed attempt failed: this version is not tried
+    /// again; a new version is.
+    #[serde(default)]
+    pub failed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A step that failed, for backoff and the `Failed` phase.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepFailure {
+    pub step: String,
+    pub attempts: i32,
+    pub message: String,
+}
+
+/// A collected heartbeat.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResult {
+    /// The tick it ran for.
+    pub scheduled_for: Time,
+    /// Its exit code; absent when the VM had already gone to sleep when the
+    /// heartbeat was collected (reading it would have woken the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The last lines it printed, shortened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// How long it ran, in seconds, as accounted.
+    pub seconds: i64,
+}
+
+/// The relay's session time, accounted from its session Lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionBilling {
+    /// When the Lease being accounted was acquired (a new value is a new
+    /// run of sessions).
+    pub acquired: Time,
+    /// Session time up to here has been accounted.
+    pub billed_until: Time,
+    /// The idle tail after the run ended has been accounted.
+    #[serde(default)]
+    pub tail_billed: bool,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -423,11 +511,15 @@ pub struct BootstrapStatus {
     /// The last step that completed; a restart resumes after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_completed_step: Option<BootstrapStep>,
-    /// Failed attempts of the current step.
-    #[serde(default)]
-    pub attempts: i32,
+    /// Id of the VM the completed steps ran on: another id means the VM was
+    /// replaced, and bootstrap starts over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    pub vm_id: Option<String>,
+    /// Runtime version the completed steps installed: a source that changes
+    /// before the bootstrap finished starts it over (its files and
+    /// requirements are the new version's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// A VM seen to carry the Sprite's UID label.

@@ -86,6 +86,10 @@ pub struct UserStatus {
     pub sprites: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The month's usage per Sprite (by UID), kept when a Sprite is deleted:
+    /// `usage` is its sum, so deleting a Sprite does not refund the budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<Ledger>,
     /// The Secret holding the user's gateway token (key `token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_secret_ref: Option<SecretRef>,
@@ -107,6 +111,26 @@ pub struct Usage {
     /// Active VM seconds of this User's Sprites in the period.
     pub runtime_seconds: i64,
     /// Estimated cost in USD in the period, as a decimal string.
+    pub estimated_cost: String,
+}
+
+/// Usage of the period per Sprite.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Ledger {
+    pub period_start: Time,
+    /// By Sprite UID.
+    #[serde(default)]
+    pub sprites: std::collections::BTreeMap<String, LedgerEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerEntry {
+    /// The Sprite's name when last seen.
+    pub name: String,
+    pub runtime_seconds: i64,
+    /// USD, as a decimal string.
     pub estimated_cost: String,
 }
 

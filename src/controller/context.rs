@@ -143,13 +143,13 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Context {
+            vms: super::vm_cache::VmCache::new(config.vm_list_interval),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             sprites,
             config,
             clock,
             metrics: Arc::new(Metrics::default()),
-            vms: super::vm_cache::VmCache::new(super::VM_LIST_INTERVAL),
             session_lease_namespace: None,
             stores: Stores::default(),
         }

@@ -4,6 +4,7 @@ pub mod context;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+mod observe;
 pub mod plan;
 pub mod schedule;
 pub mod sprite;
@@ -33,9 +34,6 @@ use crate::api::sprite::USER_LABEL;
 use crate::api::{Sprite, User};
 pub use context::{Clock, Context, OffsetClock, ScaledClock, SystemClock};
 pub use error::Error;
-
-/// How often every VM's metadata is listed for steady-state reconciles.
-pub const VM_LIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The namespaces the controller watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,7 +73,7 @@ pub async fn run(ctx: Arc<Context>, scope: impl Into<Scope>, shutdown: Cancellat
         let (ctx, stop) = (ctx.clone(), shutdown.clone());
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             ctx.vms
-                .refresh_loop(ctx.sprites.clone(), VM_LIST_INTERVAL, stop)
+                .refresh_loop(ctx.sprites.clone(), ctx.config.vm_list_interval, stop)
                 .await
         }))
     };
@@ -115,7 +113,49 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
         watcher::Config::default().any_semantic(),
     );
     let store = controller.store();
-    let (by_cm, by_user, by_sibling) = (store.clone(), store.clone(), store);
+    let (by_cm, by_user, by_sibling, by_vm) = (store.clone(), store.clone(), store.clone(), store.clone());
+    let by_secret = store;
+    // Secrets a server's environment may come from (the platform's label):
+    // metadata only; a change restarts the servers that name the Secret.
+    let env_secrets = match ctx.config.secret_references.required() {
+        Some((key, value)) => {
+            let selector = match value {
+                Some(v) => format!("{key}={v}"),
+                None => key.to_string(),
+            };
+            watcher(
+                api::<PartialObjectMeta<Secret>>(client, &namespace),
+                watcher::Config::default().labels(&selector),
+            )
+            .default_backoff()
+            .touched_objects()
+            .boxed()
+        }
+        // Any Secret may be named: watching them all is what this controller
+        // avoids; a change is then noticed at the next resync.
+        None => futures::stream::pending().boxed(),
+    };
+    // A VM the periodic list found changed: its Sprite is looked at again.
+    let vm_changes = futures::stream::unfold(ctx.vms.changes(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(name) => return Some((name, rx)),
+                // Missed names: their Sprites come back at their resync.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .flat_map(move |name| {
+        futures::stream::iter(
+            by_vm
+                .state()
+                .iter()
+                .filter(|s| s.vm_name() == name)
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>(),
+        )
+    });
 
     // Session Leases: in the configured namespace, else in the Sprites' own.
     let lease_ns = ctx.session_lease_namespace.clone().or_else(|| namespace.clone());
@@ -153,6 +193,16 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
                 })
             },
         )
+        .watches_stream(env_secrets, move |secret| {
+            let name = secret.name_any();
+            dependents(&by_secret, secret.namespace(), |s| {
+                s.spec.template.server.env.iter().any(|v| {
+                    v.value_from
+                        .as_ref()
+                        .is_some_and(|f| f.secret_key_ref.name == name)
+                })
+            })
+        })
         .watches(
             api::<User>(client, &namespace),
             watcher::Config::default(),
@@ -171,6 +221,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
         .watches_stream(lease_events, move |lease| {
             session_target(&lease, configured_lease_ns.as_deref(), scope_ns.as_deref())
         })
+        .reconcile_on(vm_changes)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(sprite::reconcile, sprite::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -278,7 +329,7 @@ mod tests {
     fn a_session_lease_reaches_only_the_sprite_its_name_and_place_speak_for() {
         let now: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        let ok = session::lease("ops", "acme", "alice", "relay", now, ttl);
+        let ok = session::lease("ops", "acme", "alice", "relay", now, now, ttl);
         assert_eq!(
             session_target(&ok, Some("ops"), None),
             Some(ObjectRef::new("alice").within("acme"))
@@ -287,10 +338,10 @@ mod tests {
         assert_eq!(session_target(&ok, Some("ops"), Some("other")), None);
         assert_eq!(session_target(&ok, None, None), None);
         // Without a configured namespace, only in the Sprite's own.
-        let own = session::lease("acme", "acme", "alice", "relay", now, ttl);
+        let own = session::lease("acme", "acme", "alice", "relay", now, now, ttl);
         assert!(session_target(&own, None, Some("acme")).is_some());
         // A tenant's Lease that names another namespace's Sprite.
-        let forged = session::lease("evil", "acme", "alice", "relay", now, ttl);
+        let forged = session::lease("evil", "acme", "alice", "relay", now, now, ttl);
         assert_eq!(session_target(&forged, None, None), None);
         // The right label and annotation under another name.
         let mut renamed = ok.clone();

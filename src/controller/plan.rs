@@ -31,6 +31,8 @@ pub struct ObservedVm {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Facts {
+    /// The paused annotation: nothing is done until it goes.
+    pub paused: bool,
     pub deleting: bool,
     pub has_finalizer: bool,
     pub deletion_policy: DeletionPolicy,
@@ -39,12 +41,19 @@ pub struct Facts {
     pub adopt: bool,
     /// The User named by `userRef` does not exist.
     pub user_missing: bool,
+    /// The User's ledger does not hold this Sprite's spend yet: deletion
+    /// waits for it, so deleting a Sprite never refunds the month's budget.
+    pub ledger_behind: bool,
     /// The User's quota admits this Sprite (always true without a User).
     pub quota_admits: bool,
     /// `spec.suspend`, or the owning User is suspended, over budget or missing.
     pub suspended: bool,
     pub last_bootstrap_step: Option<BootstrapStep>,
-    /// What the source holds now; None when it cannot be read (a condition says why).
+    /// Why the completed bootstrap no longer describes the VM, if it does not.
+    pub reset: Option<ResetReason>,
+    /// What the source holds now; None when it cannot be read (a condition
+    /// says why), or when its update failed for good (only a new version is
+    /// tried).
     pub desired_version: Option<String>,
     pub deployed_version: Option<String>,
     pub update_type: UpdateType,
@@ -54,14 +63,32 @@ pub struct Facts {
     pub server_session: Option<String>,
     /// When the VM is awake and we looked: is the server's session alive?
     pub server_alive: Option<bool>,
+    /// The running server was started with another configuration than the
+    /// spec and its Secrets now give (known only when it could be acted on).
+    pub server_config_changed: bool,
     /// A heartbeat tick is due now (already filtered by deadline and tier).
     pub heartbeat_due: Option<Timestamp>,
     /// A heartbeat is running; `Some(true)` when it has finished and can be collected.
     pub heartbeat_running: Option<bool>,
 }
 
+/// Why bootstrap starts over on a VM that had finished it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The VM's id is not the one the bootstrap ran on: deleted out of band
+    /// and made again, so it is empty.
+    VmReplaced,
+    /// `/workspace/VERSION` is gone (a checkpoint from before the bootstrap
+    /// was restored by hand, say).
+    VersionMissing,
+    /// The runtime source changed before the bootstrap finished.
+    SourceChanged,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
+    /// The paused annotation is set: no action, no API call that acts.
+    Paused,
     AddFinalizer,
     DeleteVm,
     RemoveFinalizer,
@@ -71,9 +98,13 @@ pub enum Step {
     /// Write this Sprite's UID label on an unlabelled VM it was asked to
     /// adopt, before anything else is done to that VM.
     AdoptVm,
+    /// Forget the bootstrap progress: the VM does not have it.
+    ResetBootstrap(ResetReason),
     Bootstrap(BootstrapStep),
     StartServer,
     StopServer,
+    /// Stop the server and start it again with the configuration of now.
+    RestartServer,
     Update,
     CollectHeartbeat,
     StartHeartbeat(Timestamp),
@@ -81,11 +112,50 @@ pub enum Step {
     Idle,
 }
 
+impl Step {
+    /// Whether performing this step calls Sprites.dev about the VM (acts on
+    /// it or inside it): such a pass first reads the VM again with a get.
+    pub fn acts_on_vm(&self) -> bool {
+        !matches!(
+            self,
+            Step::Paused
+                | Step::Blocked(_)
+                | Step::Idle
+                | Step::AddFinalizer
+                | Step::RemoveFinalizer
+                | Step::ResetBootstrap(_)
+        )
+    }
+
+    /// The step's name in metrics, Events and status.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Step::Paused => "paused",
+            Step::AddFinalizer => "add_finalizer",
+            Step::DeleteVm => "delete_vm",
+            Step::RemoveFinalizer => "remove_finalizer",
+            Step::Blocked(_) => "blocked",
+            Step::CreateVm => "create_vm",
+            Step::AdoptVm => "adopt_vm",
+            Step::ResetBootstrap(_) => "reset_bootstrap",
+            Step::Bootstrap(_) => "bootstrap",
+            Step::StartServer => "start_server",
+            Step::StopServer => "stop_server",
+            Step::RestartServer => "restart_server",
+            Step::Update => "update",
+            Step::CollectHeartbeat => "collect_heartbeat",
+            Step::StartHeartbeat(_) => "start_heartbeat",
+            Step::Idle => "idle",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockedReason {
     QuotaExceeded,
     NameConflict,
     UserNotFound,
+    LedgerPending,
     RuntimeUnavailable,
 }
 
@@ -106,9 +176,15 @@ pub fn may_update_now(f: &Facts) -> bool {
 }
 
 pub fn next_step(f: &Facts) -> Step {
+    if f.paused {
+        return Step::Paused;
+    }
     if f.deleting {
         if !f.has_finalizer {
             return Step::Idle;
+        }
+        if f.ledger_behind {
+            return Step::Blocked(BlockedReason::LedgerPending);
         }
         // Only a VM seen with our label: never one merely asked to be adopted.
         let ours = f.vm.as_ref().is_some_and(|v| v.owner == VmOwner::Us);
@@ -137,6 +213,11 @@ pub fn next_step(f: &Facts) -> Step {
         VmOwner::Us => {}
         VmOwner::Nobody if f.adopt => return Step::AdoptVm,
         VmOwner::Nobody | VmOwner::Other => return Step::Blocked(BlockedReason::NameConflict),
+    }
+    if let Some(reason) = f.reset
+        && f.last_bootstrap_step.is_some()
+    {
+        return Step::ResetBootstrap(reason);
     }
     let next_bootstrap = match f.last_bootstrap_step {
         None => Some(BootstrapStep::Directories),
@@ -167,6 +248,11 @@ pub fn next_step(f: &Facts) -> Step {
     if server_needed && (f.server_session.is_none() || vm.awake) {
         return Step::StartServer;
     }
+    // A server started with an old configuration moves under the same
+    // policy as the runtime: a heartbeat wakes the VM anyway.
+    if f.server_config_changed && (may_update_now(f) || (awake_soon && f.update_type == UpdateType::OnWake)) {
+        return Step::RestartServer;
+    }
     if f.heartbeat_running.is_none()
         && let Some(tick) = f.heartbeat_due
     {
@@ -176,11 +262,12 @@ pub fn next_step(f: &Facts) -> Step {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn converged() -> Facts {
+    pub(crate) fn converged() -> Facts {
         Facts {
+            paused: false,
             deleting: false,
             has_finalizer: true,
             deletion_policy: DeletionPolicy::Delete,
@@ -190,15 +277,18 @@ mod tests {
             }),
             adopt: false,
             user_missing: false,
+            ledger_behind: false,
             quota_admits: true,
             suspended: false,
             last_bootstrap_step: Some(BootstrapStep::Version),
+            reset: None,
             desired_version: Some("1.0.0".into()),
             deployed_version: Some("1.0.0".into()),
             update_type: UpdateType::OnWake,
             session_active: false,
             server_session: Some("42".into()),
             server_alive: None,
+            server_config_changed: false,
             heartbeat_due: None,
             heartbeat_running: None,
         }
@@ -302,6 +392,16 @@ mod tests {
     }
 
     #[test]
+    fn deletion_waits_for_the_users_ledger() {
+        let mut f = converged();
+        f.deleting = true;
+        f.ledger_behind = true;
+        assert_eq!(next_step(&f), Step::Blocked(BlockedReason::LedgerPending));
+        f.ledger_behind = false;
+        assert_eq!(next_step(&f), Step::DeleteVm);
+    }
+
+    #[test]
     fn deletion_follows_the_policy() {
         let mut f = converged();
         f.deleting = true;
@@ -364,6 +464,44 @@ mod tests {
         f.heartbeat_due = Some("2026-01-01T00:15:00Z".parse().unwrap());
         assert_eq!(next_step(&f), Step::StopServer);
         f.server_session = None;
+        assert_eq!(next_step(&f), Step::Idle);
+    }
+
+    #[test]
+    fn a_paused_sprite_is_left_alone_even_when_deleted() {
+        let mut f = converged();
+        f.paused = true;
+        f.vm = None;
+        assert_eq!(next_step(&f), Step::Paused);
+        f.deleting = true;
+        assert_eq!(next_step(&f), Step::Paused);
+    }
+
+    #[test]
+    fn a_replaced_vm_is_bootstrapped_again() {
+        let mut f = converged();
+        f.reset = Some(ResetReason::VmReplaced);
+        assert_eq!(next_step(&f), Step::ResetBootstrap(ResetReason::VmReplaced));
+        f.last_bootstrap_step = None;
+        assert_eq!(next_step(&f), Step::Bootstrap(BootstrapStep::Directories));
+    }
+
+    #[test]
+    fn a_changed_server_config_restarts_under_the_update_policy() {
+        let mut f = converged();
+        f.server_config_changed = true;
+        assert_eq!(
+            next_step(&f),
+            Step::Idle,
+            "OnWake must not wake the VM to restart"
+        );
+        f.session_active = true;
+        assert_eq!(next_step(&f), Step::RestartServer);
+        f.session_active = false;
+        f.update_type = UpdateType::Immediate;
+        assert_eq!(next_step(&f), Step::RestartServer);
+        f.update_type = UpdateType::Manual;
+        f.vm.as_mut().unwrap().awake = true;
         assert_eq!(next_step(&f), Step::Idle);
     }
 

@@ -11,15 +11,24 @@ use tracing::warn;
 
 use super::context::Context;
 use super::error::Error;
-use super::plan::{BlockedReason, Step, VmOwner};
+use super::observe::Observed;
+use super::plan::{BlockedReason, ResetReason, Step, VmOwner};
 use super::schedule::SkipReason;
-use super::sprite::{FAILED_AFTER_ATTEMPTS, MANAGER, Observed, step_label};
+use super::usage;
 use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
-use crate::api::sprite::{BootstrapStep, OwnedVm, SpritePhase};
+use crate::api::sprite::{BootstrapStep, OwnedVm, SpritePhase, StepFailure};
 use crate::api::{Sprite, SpriteStatus};
 
-/// Conditions and phase from what was observed and what the step did.
-pub(super) fn derive_conditions(
+/// Field manager of the Sprite reconciler's writes.
+pub const MANAGER: &str = "sprite-operator";
+/// Failed attempts in a row of one step before the phase says Failed (it
+/// still retries, with backoff).
+pub(super) const FAILED_AFTER_ATTEMPTS: i32 = 3;
+
+/// The whole status from what was observed and what the step did:
+/// conditions, phase, failure count, session accounting. The one place
+/// status is derived; `perform` only records what a step changed.
+pub(super) fn derive_status(
     sprite: &Sprite,
     o: &Observed,
     step: &Step,
@@ -33,6 +42,37 @@ pub(super) fn derive_conditions(
         set_condition(&mut status.conditions, c, generation, t.clone());
     };
     let f = &o.facts;
+    if f.paused {
+        set(
+            status,
+            DesiredCondition::new(
+                "Paused",
+                true,
+                "Annotation",
+                "sprite-operator.dev/paused is \"true\": nothing is done until it is removed",
+            ),
+        );
+        return;
+    }
+    remove_condition(&mut status.conditions, "Paused");
+    record_failure(status, step, error);
+    if sprite.spec.template.heartbeat.is_none() {
+        status.next_heartbeat_time = None;
+    }
+    // What the VM says it runs, when it was read, is the truth (a VERSION
+    // changed by hand, a checkpoint restored): drift follows from it.
+    if let Some(Some(v)) = &o.vm_version
+        && !matches!(step, Step::Update | Step::ResetBootstrap(_) | Step::Bootstrap(_))
+    {
+        status.deployed_version = Some(v.clone());
+    }
+    if let Some(live) = &o.session {
+        let (seconds, billing) = usage::session_time(status.session_billing.as_ref(), live, now, o.idle_tail);
+        if seconds > 0 {
+            usage::charge(status, seconds, o.rate, now);
+        }
+        status.session_billing = Some(billing);
+    }
     let ours = f.vm.as_ref().is_some_and(|v| v.owner == VmOwner::Us);
     // The VM the relay may route to: one seen with our label, by this pass's
     // observation or by the create that just made it.
@@ -93,11 +133,7 @@ pub(super) fn derive_conditions(
             )
         },
     );
-    let previous_failure = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "UpToDate" && c.reason == "UpdateFailed")
-        .map(|c| c.message.clone());
+    let failed_update = status.update.clone().filter(|u| u.attempts > 0);
     let up_to_date = match (&o.bundle, &status.deployed_version) {
         (None, _) => DesiredCondition::new(
             "UpToDate",
@@ -108,23 +144,25 @@ pub(super) fn derive_conditions(
         (Some(b), Some(have)) if *have == b.version => {
             DesiredCondition::new("UpToDate", true, "Current", format!("running {have}"))
         }
-        (Some(b), _) if matches!(step, Step::Update) && error.is_some() => DesiredCondition::new(
-            "UpToDate",
-            false,
-            "UpdateFailed",
-            format!(
-                "update to {} failed: {}",
-                b.version,
-                error.map(ToString::to_string).unwrap_or_default()
-            ),
-        ),
-        // A failed update of this version stays reported until a new version.
-        (Some(b), _) if previous_failure.as_ref().is_some_and(|m| m.contains(&b.version)) => {
+        // Failures of this very version (attempts in status, not a
+        // message to match): retried with backoff, or given up.
+        (Some(b), _) if failed_update.as_ref().is_some_and(|u| u.version == b.version) => {
+            let u = failed_update.as_ref().expect("checked");
             DesiredCondition::new(
                 "UpToDate",
                 false,
                 "UpdateFailed",
-                previous_failure.clone().unwrap_or_default(),
+                format!(
+                    "update to {} failed {} time(s){}: {}",
+                    u.version,
+                    u.attempts,
+                    if u.failed {
+                        "; given up until a new version"
+                    } else {
+                        "; retrying"
+                    },
+                    u.last_error.clone().unwrap_or_default()
+                ),
             )
         }
         (Some(b), Some(have)) => DesiredCondition::new(
@@ -213,8 +251,35 @@ pub(super) fn derive_conditions(
             remove_condition(&mut status.conditions, "Suspended");
         }
     }
+    match step {
+        Step::ResetBootstrap(reason) => set(
+            status,
+            DesiredCondition::new(
+                "VmReset",
+                true,
+                match reason {
+                    ResetReason::VmReplaced => "VmReplaced",
+                    ResetReason::VersionMissing => "VersionMissing",
+                    ResetReason::SourceChanged => "SourceChanged",
+                },
+                match reason {
+                    ResetReason::VmReplaced => "the VM was replaced (another id): bootstrapped again",
+                    ResetReason::VersionMissing => {
+                        "/workspace/VERSION was gone from the VM: bootstrapped again"
+                    }
+                    ResetReason::SourceChanged => {
+                        "the runtime source changed before the bootstrap finished: started over"
+                    }
+                },
+            ),
+        ),
+        _ if bootstrapped => {
+            remove_condition(&mut status.conditions, "VmReset");
+        }
+        _ => {}
+    }
     let ready = created && bootstrapped && server_running && !f.suspended;
-    let attempts = status.bootstrap.as_ref().map_or(0, |b| b.attempts);
+    let attempts = status.failure.as_ref().map_or(0, |f| f.attempts);
     let phase = if f.deleting {
         SpritePhase::Deleting
     } else if f.suspended && bootstrapped {
@@ -255,6 +320,29 @@ pub(super) fn derive_conditions(
     status.observed_generation = generation;
 }
 
+/// Failures count per step: another step's failure starts a new count, and
+/// the step's success (or a converged pass) clears it.
+fn record_failure(status: &mut SpriteStatus, step: &Step, error: Option<&Error>) {
+    let label = step.label();
+    match error {
+        Some(e) => {
+            let f = status.failure.get_or_insert_with(StepFailure::default);
+            if f.step != label {
+                *f = StepFailure {
+                    step: label.to_string(),
+                    ..Default::default()
+                };
+            }
+            f.attempts += 1;
+            f.message = e.to_string();
+        }
+        None if matches!(step, Step::Idle) || status.failure.as_ref().is_some_and(|f| f.step == label) => {
+            status.failure = None;
+        }
+        None => {}
+    }
+}
+
 pub(super) async fn write_status_if_changed(
     api: &Api<Sprite>,
     sprite: &Sprite,
@@ -283,8 +371,9 @@ pub(super) async fn publish_events(
     step: &Step,
     outcome: &Result<bool, Error>,
     old_phase: Option<SpritePhase>,
-    new_phase: Option<SpritePhase>,
+    status: &SpriteStatus,
 ) {
+    let new_phase = status.phase;
     let mut events = vec![];
     match (step, outcome) {
         (_, Err(e)) => events.push((EventType::Warning, e.reason(), e.to_string())),
@@ -294,6 +383,31 @@ pub(super) async fn publish_events(
         }
         (Step::StartServer, Ok(_)) => events.push((EventType::Normal, "ServerStarted", String::new())),
         (Step::StopServer, Ok(_)) => events.push((EventType::Normal, "ServerStopped", String::new())),
+        (Step::RestartServer, Ok(_)) => events.push((
+            EventType::Normal,
+            "ServerRestarted",
+            "its configuration (spec.server or a Secret it names) changed".into(),
+        )),
+        (Step::ResetBootstrap(reason), Ok(_)) => events.push((
+            EventType::Warning,
+            "BootstrapReset",
+            format!("{reason:?}: the VM does not have the bootstrap status recorded; starting over"),
+        )),
+        (Step::CollectHeartbeat, Ok(_)) => {
+            if let Some(r) = &status.last_heartbeat_result {
+                let (type_, reason) = match r.exit_code {
+                    Some(0) => (EventType::Normal, "HeartbeatFinished"),
+                    Some(_) => (EventType::Warning, "HeartbeatFailed"),
+                    None => (EventType::Normal, "HeartbeatCollected"),
+                };
+                let note = match (r.exit_code, &r.summary) {
+                    (Some(code), Some(summary)) => format!("exit {code}: {summary}"),
+                    (Some(code), None) => format!("exit {code}"),
+                    (None, _) => "the VM was asleep again: outcome not read".to_string(),
+                };
+                events.push((type_, reason, note));
+            }
+        }
         (Step::Update, Ok(_)) => events.push((EventType::Normal, "RuntimeUpdated", String::new())),
         (Step::StartHeartbeat(t), Ok(_)) => {
             events.push((EventType::Normal, "HeartbeatStarted", t.to_string()))
@@ -316,7 +430,7 @@ pub(super) async fn publish_events(
             type_,
             reason: reason.into(),
             note: (!note.is_empty()).then_some(note),
-            action: step_label(step).into(),
+            action: step.label().into(),
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&ev, &reference).await {

@@ -6,7 +6,10 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::user::Usage;
+use crate::api::SpriteStatus;
+use crate::api::session;
+use crate::api::sprite::SessionBilling;
+use crate::api::user::{Ledger, LedgerEntry, Usage};
 use crate::money::MicroUsd;
 
 /// Start of the UTC month holding `now`.
@@ -69,12 +72,195 @@ pub fn cost(u: &Usage) -> MicroUsd {
     u.estimated_cost.parse().unwrap_or(MicroUsd::ZERO)
 }
 
+/// The ledger of the period holding `now`: each Sprite's usage of the
+/// period as last seen, kept after the Sprite is gone. A Sprite's usage only
+/// grows within a period, so the larger of the two readings wins.
+pub fn ledger<'a>(
+    previous: Option<&Ledger>,
+    sprites: impl IntoIterator<Item = (String, String, &'a Usage)>,
+    now: Timestamp,
+) -> Ledger {
+    let start = period_start(now);
+    let mut entries = match previous {
+        Some(l) if l.period_start.0 == start => l.sprites.clone(),
+        _ => Default::default(),
+    };
+    for (uid, name, u) in sprites {
+        if u.period_start.0 != start {
+            continue;
+        }
+        let seen = LedgerEntry {
+            name,
+            runtime_seconds: u.runtime_seconds,
+            estimated_cost: u.estimated_cost.clone(),
+        };
+        let keep = entries.get(&uid).is_some_and(|e: &LedgerEntry| {
+            e.runtime_seconds > seen.runtime_seconds
+                || e.estimated_cost.parse().unwrap_or(MicroUsd::ZERO) > cost(u)
+        });
+        if !keep {
+            entries.insert(uid, seen);
+        }
+    }
+    Ledger {
+        period_start: Time(start),
+        sprites: entries,
+    }
+}
+
+/// The period's usage: the sum of the ledger.
+pub fn total(ledger: &Ledger) -> Usage {
+    let (mut secs, mut money) = (0i64, MicroUsd::ZERO);
+    for e in ledger.sprites.values() {
+        secs += e.runtime_seconds;
+        money = money.saturating_add(e.estimated_cost.parse().unwrap_or(MicroUsd::ZERO));
+    }
+    Usage {
+        period_start: ledger.period_start.clone(),
+        runtime_seconds: secs,
+        estimated_cost: money.to_string(),
+    }
+}
+
+/// Adds `seconds` of active VM time to a Sprite's period usage, its total
+/// runtime and its total cost.
+pub fn charge(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd, now: Timestamp) {
+    status.usage = Some(add(status.usage.as_ref(), now, seconds, rate));
+    status.runtime_seconds += seconds;
+    let before: MicroUsd = status
+        .estimated_cost
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(MicroUsd::ZERO);
+    status.estimated_cost = Some(
+        before
+            .saturating_add(MicroUsd::for_seconds(rate, seconds))
+            .to_string(),
+    );
+}
+
+/// Relay session time not yet accounted, from the session Lease (decision
+/// 9): the time from the start of its run of sessions (or from what was
+/// accounted already) to its last renewal, and once the run has ended the
+/// idle tail. Returns the seconds to charge and the new accounting state.
+pub fn session_time(
+    billed: Option<&SessionBilling>,
+    live: &session::Live,
+    now: Timestamp,
+    idle_tail: std::time::Duration,
+) -> (i64, SessionBilling) {
+    let same_run = billed.filter(|b| b.acquired.0 == live.acquired);
+    let from = same_run.map_or(live.acquired, |b| b.billed_until.0.max(live.acquired));
+    let to = live.renewed.max(from);
+    let mut seconds = to.duration_since(from).as_secs().max(0);
+    let ended = live.until <= now;
+    let tail_billed = same_run.is_some_and(|b| b.tail_billed);
+    if ended && !tail_billed {
+        seconds += i64::try_from(idle_tail.as_secs()).unwrap_or(0);
+    }
+    (
+        seconds,
+        SessionBilling {
+            acquired: Time(live.acquired),
+            billed_until: Time(to),
+            tail_billed: tail_billed || ended,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_deleted_sprites_spend_stays_in_the_ledger_until_the_month_ends() {
+        let now = ts("2026-11-20T10:00:00Z");
+        let u = |secs: i64, cost: &str| Usage {
+            period_start: Time(ts("2026-11-01T00:00:00Z")),
+            runtime_seconds: secs,
+            estimated_cost: cost.into(),
+        };
+        let (a, b) = (u(100, "0.005000"), u(50, "0.002500"));
+        let l1 = ledger(
+            None,
+            [("1".into(), "a".into(), &a), ("2".into(), "b".into(), &b)],
+            now,
+        );
+        assert_eq!(total(&l1).runtime_seconds, 150);
+        // b is deleted; a goes on.
+        let a2 = u(160, "0.008000");
+        let l2 = ledger(Some(&l1), [("1".into(), "a".into(), &a2)], now);
+        let t = total(&l2);
+        assert_eq!((t.runtime_seconds, t.estimated_cost.as_str()), (210, "0.010500"));
+        // A stale reading does not lower an entry.
+        let l3 = ledger(Some(&l2), [("1".into(), "a".into(), &a)], now);
+        assert_eq!(total(&l3).runtime_seconds, 210);
+        // The next month starts empty.
+        let next = ts("2026-12-01T00:00:01Z");
+        assert_eq!(total(&ledger(Some(&l3), [], next)).runtime_seconds, 0);
+    }
+
+    #[test]
+    fn charging_adds_exact_money() {
+        let mut s = SpriteStatus::default();
+        let now = ts("2026-11-23T10:00:00Z");
+        charge(&mut s, 150, MicroUsd(180_000), now);
+        charge(&mut s, 150, MicroUsd(180_000), now);
+        assert_eq!(s.usage.as_ref().unwrap().runtime_seconds, 300);
+        assert_eq!(s.runtime_seconds, 300);
+        assert_eq!(s.estimated_cost.as_deref(), Some("0.015000"));
+    }
+
+    #[test]
+    fn session_time_is_accounted_once_with_one_tail_per_run() {
+        let tail = std::time::Duration::from_secs(30);
+        let live = |acq: &str, renewed: &str, until: &str| session::Live {
+            acquired: ts(acq),
+            renewed: ts(renewed),
+            until: ts(until),
+        };
+        // A live run: its time so far, no tail yet.
+        let l1 = live(
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:05:00Z",
+            "2026-01-01T10:07:00Z",
+        );
+        let (s1, b1) = session_time(None, &l1, ts("2026-01-01T10:05:10Z"), tail);
+        assert_eq!((s1, b1.tail_billed), (300, false));
+        // Renewed again: only the new part.
+        let l2 = live(
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:06:00Z",
+            "2026-01-01T10:08:00Z",
+        );
+        let (s2, b2) = session_time(Some(&b1), &l2, ts("2026-01-01T10:06:05Z"), tail);
+        assert_eq!(s2, 60);
+        // Seen twice without a renewal: nothing more.
+        assert_eq!(
+            session_time(Some(&b2), &l2, ts("2026-01-01T10:06:30Z"), tail).0,
+            0
+        );
+        // Run out: the tail, once.
+        let (s3, b3) = session_time(Some(&b2), &l2, ts("2026-01-01T10:09:00Z"), tail);
+        assert_eq!((s3, b3.tail_billed), (30, true));
+        assert_eq!(
+            session_time(Some(&b3), &l2, ts("2026-01-01T10:10:00Z"), tail).0,
+            0
+        );
+        // A new run starts its own count.
+        let l3 = live(
+            "2026-01-01T11:00:00Z",
+            "2026-01-01T11:01:00Z",
+            "2026-01-01T11:03:00Z",
+        );
+        assert_eq!(
+            session_time(Some(&b3), &l3, ts("2026-01-01T11:01:00Z"), tail).0,
+            60
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::context::Context;
 use super::error::Error;
 use super::usage;
 use crate::api::conditions::{DesiredCondition, remove_condition, set_condition};
-use crate::api::sprite::USER_LABEL;
+use crate::api::sprite::{PAUSED_ANNOTATION, USER_LABEL};
 use crate::api::user::{SecretRef, Usage, UserPhase};
 use crate::api::{Sprite, User, UserStatus};
 use crate::config::TierLimits;
@@ -98,6 +98,29 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let now = ctx.clock.now();
     let tier = ctx.config.tier(user.spec.tier).clone();
 
+    if user
+        .annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        let mut status = user.status.clone().unwrap_or_default();
+        set_condition(
+            &mut status.conditions,
+            DesiredCondition::new(
+                "Paused",
+                true,
+                "Annotation",
+                "sprite-operator.dev/paused is \"true\": nothing is done until it is removed",
+            ),
+            user.metadata.generation,
+            Time(now),
+        );
+        if user.status.as_ref() != Some(&status) {
+            write_status(&ctx, &user, &ns, status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
     let gateway = ensure_gateway_secret(&ctx, &user, &ns).await?;
     let primary_ok = ensure_primary_sprite(&ctx, &user, &ns).await?;
 
@@ -109,7 +132,13 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
         .iter()
         .filter(|s| s.spec.user_ref.name == name)
         .collect();
-    let period = usage::roll_up(mine.iter().filter_map(|s| s.status.as_ref()?.usage.as_ref()), now);
+    // The month's spend from the ledger, which keeps deleted Sprites' share.
+    let seen = mine.iter().filter_map(|s| {
+        let u = s.status.as_ref()?.usage.as_ref()?;
+        Some((s.uid()?, s.name_any(), u))
+    });
+    let ledger = usage::ledger(user.status.as_ref().and_then(|s| s.ledger.as_ref()), seen, now);
+    let period = usage::total(&ledger);
     let spent = over_budget(&period, &tier);
 
     // Across every namespace the controller watches, as the relay looks.
@@ -118,6 +147,8 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let mut status = user.status.clone().unwrap_or_default();
     status.sprites = mine.len() as i32;
     status.usage = Some(period.clone());
+    status.ledger = Some(ledger);
+    remove_condition(&mut status.conditions, "Paused");
     status.gateway_secret_ref = Some(SecretRef {
         name: gateway_secret_name(&name),
     });

@@ -14,6 +14,10 @@ use crate::sprites::{self, SpritesClient};
 pub struct VmCache {
     entries: RwLock<Entries>,
     max_age: Duration,
+    /// Names of VMs that a list found changed (gone, new, or another status,
+    /// labels or id): their Sprites are reconciled, so a VM deleted out of
+    /// band or woken by someone else is noticed within one list interval.
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 #[derive(Default)]
@@ -38,7 +42,13 @@ impl VmCache {
         VmCache {
             entries: RwLock::new(Entries::default()),
             max_age,
+            changes: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// The names of VMs each later list finds changed.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     pub fn lookup(&self, name: &str, now: Instant) -> Cached {
@@ -53,9 +63,24 @@ impl VmCache {
     }
 
     pub fn replace(&self, vms: Vec<sprites::Sprite>, at: Instant) {
-        let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        e.vms = vms.into_iter().map(|vm| (vm.name.clone(), vm)).collect();
-        e.listed_at = Some(at);
+        let changed = {
+            let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
+            let new: HashMap<String, sprites::Sprite> =
+                vms.into_iter().map(|vm| (vm.name.clone(), vm)).collect();
+            // The first list only fills the cache: every Sprite is reconciled
+            // when the controller starts anyway.
+            let changed = match e.listed_at {
+                Some(_) => changed_names(&e.vms, &new),
+                None => vec![],
+            };
+            e.vms = new;
+            e.listed_at = Some(at);
+            changed
+        };
+        for name in changed {
+            // No receiver (no controller running) is fine.
+            let _ = self.changes.send(name);
+        }
     }
 
     /// Records what a `get` (or a create or delete) just saw, so the next
@@ -88,9 +113,42 @@ impl VmCache {
     }
 }
 
+/// VMs present in only one of the two lists, or with another status,
+/// labels or id.
+fn changed_names(
+    old: &HashMap<String, sprites::Sprite>,
+    new: &HashMap<String, sprites::Sprite>,
+) -> Vec<String> {
+    let differs = |a: &sprites::Sprite, b: &sprites::Sprite| {
+        a.status != b.status || a.labels != b.labels || a.id != b.id
+    };
+    let mut names: Vec<String> = old
+        .iter()
+        .filter(|(name, vm)| new.get(*name).is_none_or(|n| differs(vm, n)))
+        .map(|(name, _)| name.clone())
+        .chain(new.keys().filter(|n| !old.contains_key(*n)).cloned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_list_announces_what_changed() {
+        let c = VmCache::new(Duration::from_secs(30));
+        let mut rx = c.changes();
+        let t = Instant::now();
+        c.replace(vec![vm("a"), vm("b")], t);
+        assert!(rx.try_recv().is_err(), "the first list announces nothing");
+        let mut b2 = vm("b");
+        b2.status = "running".into();
+        c.replace(vec![b2, vm("c")], t);
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(got, ["a", "b", "c"]);
+    }
 
     fn vm(name: &str) -> sprites::Sprite {
         sprites::Sprite {

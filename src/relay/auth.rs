@@ -194,6 +194,11 @@ pub fn check_user(user: &User, users: &[Arc<User>]) -> Result<(), Error> {
     if user.spec.suspend {
         return Err(Error::Forbidden("user suspended"));
     }
+    // A session keeps the VM awake, which is billed: a User whose month's
+    // budget is spent gets none (decision 9).
+    if user.status.as_ref().and_then(|s| s.phase) == Some(crate::api::user::UserPhase::OverBudget) {
+        return Err(Error::Forbidden("user over budget"));
+    }
     let conditions = user
         .status
         .as_ref()
@@ -546,6 +551,16 @@ pub(crate) mod tests {
             authenticate(&ta, &v, &[Arc::new(u)]),
             Err(Error::Forbidden(_))
         ));
+
+        // A spent budget: refused, as a session would keep the VM awake.
+        let mut u: User = (*user("ns", "b", "z", Some(&ta))).clone();
+        u.status.as_mut().unwrap().phase = Some(crate::api::user::UserPhase::OverBudget);
+        assert!(matches!(
+            authenticate(&ta, &v, &[Arc::new(u.clone())]),
+            Err(Error::Forbidden("user over budget"))
+        ));
+        u.status.as_mut().unwrap().phase = Some(crate::api::user::UserPhase::Active);
+        assert!(authenticate(&ta, &v, &[Arc::new(u)]).is_ok());
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct Leases {
     pub lease: Duration,
     /// How often a live session renews it.
     pub refresh: Duration,
-    written: Mutex<HashMap<(String, String), Instant>>,
+    /// Per Sprite: the last write, and when its run of sessions began.
+    written: Mutex<HashMap<(String, String), (Instant, jiff::Timestamp)>>,
 }
 
 impl Leases {
@@ -52,23 +53,29 @@ impl Leases {
     }
 
     /// Whether the lease of (namespace, sprite) is due for a write at `now`,
-    /// recording the write when it is.
-    fn due(&self, namespace: &str, sprite: &str, now: Instant) -> bool {
+    /// recording the write when it is; with when its run of sessions began
+    /// (`wall` when the last write has run out: a new run).
+    fn due(
+        &self,
+        namespace: &str,
+        sprite: &str,
+        now: Instant,
+        wall: jiff::Timestamp,
+    ) -> Option<jiff::Timestamp> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let key = (namespace.to_string(), sprite.to_string());
-        if written
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < self.refresh)
-        {
-            return false;
-        }
+        let acquired = match written.get(&key) {
+            Some((t, _)) if now.duration_since(*t) < self.refresh => return None,
+            Some((t, acquired)) if now.duration_since(*t) < self.lease => *acquired,
+            _ => wall,
+        };
         // Forget leases that have run out, so the map only holds live Sprites.
         if written.len() > 1024 {
             let lease = self.lease;
-            written.retain(|_, t| now.duration_since(*t) < lease);
+            written.retain(|_, (t, _)| now.duration_since(*t) < lease);
         }
-        written.insert(key, now);
-        true
+        written.insert(key, (now, acquired));
+        Some(acquired)
     }
 
     /// Renews the Sprite's Lease if no session of it did recently. The
@@ -77,16 +84,18 @@ impl Leases {
         let Some((client, runtime)) = self.client.clone() else {
             return;
         };
-        if !self.due(namespace, sprite, Instant::now()) {
+        let now = jiff::Timestamp::now();
+        let Some(acquired) = self.due(namespace, sprite, Instant::now(), now) else {
             return;
-        }
+        };
         let lease_ns = session::lease_namespace(self.namespace.as_deref(), namespace);
         let body = session::lease(
             lease_ns,
             namespace,
             sprite,
             &self.holder,
-            jiff::Timestamp::now(),
+            acquired,
+            now,
             self.lease,
         );
         let api: Api<Lease> = Api::namespaced(client, lease_ns);
@@ -115,9 +124,24 @@ mod tests {
     fn one_write_per_refresh_interval_per_sprite() {
         let l = Leases::new(None, None, Duration::from_secs(120), Duration::from_secs(60));
         let t0 = Instant::now();
-        assert!(l.due("ns", "a", t0));
-        assert!(!l.due("ns", "a", t0 + Duration::from_secs(30)));
-        assert!(l.due("ns", "b", t0 + Duration::from_secs(30)));
-        assert!(l.due("ns", "a", t0 + Duration::from_secs(61)));
+        let w0: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let at = |s: u64| {
+            (
+                t0 + Duration::from_secs(s),
+                w0 + jiff::SignedDuration::from_secs(s as i64),
+            )
+        };
+        let due = |s: u64| {
+            let (i, w) = at(s);
+            l.due("ns", "a", i, w)
+        };
+        assert_eq!(due(0), Some(w0));
+        assert_eq!(due(30), None);
+        let (i, w) = at(30);
+        assert_eq!(l.due("ns", "b", i, w), Some(w));
+        // Renewed within the lease: the same run of sessions.
+        assert_eq!(due(61), Some(w0));
+        // Not renewed for longer than the lease: a new run.
+        assert_eq!(due(61 + 121), Some(at(182).1));
     }
 }

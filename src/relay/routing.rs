@@ -74,7 +74,10 @@ pub fn choose(user: &User, requested: Option<&str>, sprites: &[Arc<Sprite>]) -> 
     if sprite.meta().deletion_timestamp.is_some() {
         return Err(Error::Forbidden("sprite is being deleted"));
     }
-    let port = u16::try_from(sprite.spec.template.server.port)
+    // The port the running server was started on: a port changed in spec
+    // is followed once the server has moved there.
+    let port = sprite.status.as_ref().and_then(|s| s.server_port);
+    let port = u16::try_from(port.unwrap_or(sprite.spec.template.server.port))
         .ok()
         .filter(|p| *p != 0)
         .ok_or(Error::Forbidden("sprite has an invalid server port"))?;
@@ -126,6 +129,7 @@ pub fn strip_sprite(s: &mut Sprite) {
     if let Some(st) = s.status.take() {
         s.status = Some(crate::api::SpriteStatus {
             owned_vm: st.owned_vm,
+            server_port: st.server_port,
             ..Default::default()
         });
     }

@@ -51,6 +51,14 @@ pub struct ClassFaults {
     pub retry_after_secs: u64,
     /// Probability (0–1) that a WebSocket of the class is closed abruptly mid-stream.
     pub drop_rate: f64,
+    /// Probability (0–1) that a request is served and its answer then lost:
+    /// the change is made, the caller gets a 504 (Crossplane's "create
+    /// pending" case).
+    pub lost_rate: f64,
+    /// The next this many requests of the class (of `lost_method` only, when
+    /// set) are served and their answers lost; counts down as they happen.
+    pub lose_next: u32,
+    pub lost_method: Option<String>,
 }
 
 impl Default for ClassFaults {
@@ -61,6 +69,9 @@ impl Default for ClassFaults {
             error_codes: vec![503],
             retry_after_secs: 1,
             drop_rate: 0.0,
+            lost_rate: 0.0,
+            lose_next: 0,
+            lost_method: None,
         }
     }
 }
@@ -107,7 +118,7 @@ impl Faults {
     pub fn validate(&self) -> Result<(), FaultsError> {
         for (name, c) in self.classes() {
             let prob = |p: f64| (0.0..=1.0).contains(&p);
-            if !prob(c.error_rate) || !prob(c.drop_rate) {
+            if !prob(c.error_rate) || !prob(c.drop_rate) || !prob(c.lost_rate) {
                 return Err(FaultsError::Invalid(format!(
                     "{name}: rates must be within 0..=1"
                 )));
@@ -153,6 +164,8 @@ pub struct Decision {
     pub latency: Duration,
     /// Answer with this status (and `Retry-After` for 429) instead of serving.
     pub error: Option<(u16, u64)>,
+    /// Serve, then answer 504 instead of what the handler said.
+    pub lose_answer: bool,
 }
 
 /// The faults and their RNG.
@@ -183,17 +196,39 @@ impl Injector {
         self.faults = faults;
     }
 
-    pub fn decide(&mut self, class: Class) -> Decision {
+    pub fn decide(&mut self, class: Class, method: &str) -> Decision {
         let c = self.faults.class(class).clone();
         let mut d = Decision {
             latency: Duration::from_millis(c.latency_ms),
             error: None,
+            lose_answer: false,
         };
         if c.error_rate > 0.0 && !c.error_codes.is_empty() && self.rng.random_bool(c.error_rate) {
             let code = c.error_codes[self.rng.random_range(0..c.error_codes.len())];
             d.error = Some((code, c.retry_after_secs));
+            return d;
+        }
+        let method_matches = c
+            .lost_method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method));
+        if method_matches && c.lose_next > 0 {
+            self.class_mut(class).lose_next -= 1;
+            d.lose_answer = true;
+        } else if method_matches && c.lost_rate > 0.0 && self.rng.random_bool(c.lost_rate) {
+            d.lose_answer = true;
         }
         d
+    }
+
+    fn class_mut(&mut self, class: Class) -> &mut ClassFaults {
+        match class {
+            Class::Rest => &mut self.faults.rest,
+            Class::Exec => &mut self.faults.exec,
+            Class::Fs => &mut self.faults.fs,
+            Class::Proxy => &mut self.faults.proxy,
+            Class::Checkpoint => &mut self.faults.checkpoint,
+        }
     }
 
     /// For a WebSocket of the class: after how long to cut it, if at all.
@@ -242,7 +277,7 @@ mod tests {
         let run = |f: &Faults| {
             let mut inj = Injector::new(f.clone());
             (0..50)
-                .map(|_| (inj.decide(Class::Fs), inj.drop_after(Class::Fs)))
+                .map(|_| (inj.decide(Class::Fs, "GET"), inj.drop_after(Class::Fs)))
                 .collect::<Vec<_>>()
         };
         let a = run(&f);
@@ -250,7 +285,20 @@ mod tests {
         let errors = a.iter().filter(|(d, _)| d.error.is_some()).count();
         assert!((10..=40).contains(&errors), "{errors}");
         let mut quiet = Injector::new(Faults::default());
-        assert_eq!(quiet.decide(Class::Rest), Decision::default());
+        assert_eq!(quiet.decide(Class::Rest, "GET"), Decision::default());
         assert_eq!(quiet.drop_after(Class::Exec), None);
+    }
+
+    #[test]
+    fn lose_next_loses_that_many_answers_of_its_method() {
+        let mut f = Faults::default();
+        f.rest.lose_next = 2;
+        f.rest.lost_method = Some("POST".into());
+        let mut inj = Injector::new(f);
+        assert!(!inj.decide(Class::Rest, "GET").lose_answer, "another method");
+        assert!(inj.decide(Class::Rest, "POST").lose_answer);
+        assert!(inj.decide(Class::Rest, "post").lose_answer);
+        assert!(!inj.decide(Class::Rest, "POST").lose_answer, "only two");
+        assert_eq!(inj.faults().rest.lose_next, 0);
     }
 }

@@ -84,9 +84,24 @@ async fn faults(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Respon
     let Some(class) = Class::of_path(req.uri().path()) else {
         return next.run(req).await;
     };
-    let decision = lock(&sim.faults).decide(class);
+    let decision = lock(&sim.faults).decide(class, req.method().as_str());
     if !decision.latency.is_zero() {
         tokio::time::sleep(decision.latency).await;
+    }
+    if decision.lose_answer {
+        let path = req.uri().path().to_string();
+        let served = next.run(req).await;
+        tracing::info!(
+            path,
+            status = served.status().as_u16(),
+            "fault: served, answer lost"
+        );
+        return ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway_timeout",
+            "upstream timed out",
+        )
+        .into_response();
     }
     let Some((code, retry_after)) = decision.error else {
         return next.run(req).await;

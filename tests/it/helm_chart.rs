@@ -814,6 +814,7 @@ async fn helm_install_and_least_privilege_rbac() {
             "rbac-probe",
             "relay-0",
             jiff::Timestamp::now(),
+            jiff::Timestamp::now(),
             std::time::Duration::from_secs(120),
         )
     };

@@ -15,4 +15,5 @@ mod sprites_conformance;
 mod sprites_faults;
 mod sprites_wire;
 mod tenancy;
+mod truth;
 mod user_controller;

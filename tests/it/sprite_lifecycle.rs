@@ -17,7 +17,7 @@ use sprite_operator::runtime::RuntimeBundle;
 use crate::common::{TestNs, eventually};
 use crate::sprite_controller::{Env, SIM_TOKEN, sprite_doc, status_of};
 
-async fn put_faults(env: &Env, faults: Value) {
+pub(crate) async fn put_faults(env: &Env, faults: Value) {
     let r = reqwest::Client::new()
         .put(format!("{}/sim/faults", env.sim().url()))
         .bearer_auth(SIM_TOKEN)
@@ -28,7 +28,7 @@ async fn put_faults(env: &Env, faults: Value) {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
 }
 
-async fn force_sleep(env: &Env, vm: &str) {
+pub(crate) async fn force_sleep(env: &Env, vm: &str) {
     let r = reqwest::Client::new()
         .post(format!("{}/sim/sprites/{vm}/sleep", env.sim().url()))
         .bearer_auth(SIM_TOKEN)
@@ -91,7 +91,7 @@ fn assert_only_heartbeat_wakes(
     }
 }
 
-async fn create_sprite(ns: &TestNs, name: &str, spec: Value) {
+pub(crate) async fn create_sprite(ns: &TestNs, name: &str, spec: Value) {
     ns.api::<Sprite>()
         .create(
             &PostParams::default(),
@@ -187,7 +187,7 @@ async fn a_crash_after_each_bootstrap_step_resumes_at_the_next() {
 }
 
 /// A ConfigMap runtime made from the embedded one, under another version.
-fn runtime_config_map(version: &str, extra_requirement: Option<&str>) -> ConfigMap {
+pub(crate) fn runtime_config_map(version: &str, extra_requirement: Option<&str>) -> ConfigMap {
     let bundle = RuntimeBundle::embedded();
     let mut data = BTreeMap::new();
     data.insert("VERSION".to_string(), version.to_string());
@@ -205,14 +205,14 @@ fn runtime_config_map(version: &str, extra_requirement: Option<&str>) -> ConfigM
     serde_json::from_value(json!({"metadata": {"name": "rt"}, "data": data})).unwrap()
 }
 
-async fn apply_cm(ns: &TestNs, cm: &ConfigMap) {
+pub(crate) async fn apply_cm(ns: &TestNs, cm: &ConfigMap) {
     ns.api::<ConfigMap>()
         .patch("rt", &PatchParams::apply("it-test").force(), &Patch::Apply(cm))
         .await
         .unwrap();
 }
 
-async fn wait_deployed(ns: &TestNs, name: &str, version: &str) {
+pub(crate) async fn wait_deployed(ns: &TestNs, name: &str, version: &str) {
     eventually(&format!("{name} to run {version}"), 120, || async {
         let st = status_of(ns, name).await;
         if st.deployed_version.as_deref() == Some(version) {
@@ -224,7 +224,7 @@ async fn wait_deployed(ns: &TestNs, name: &str, version: &str) {
     .await;
 }
 
-async fn vm_version(env: &Env, vm: &str) -> String {
+pub(crate) async fn vm_version(env: &Env, vm: &str) -> String {
     let v = env.sprites.read_file(vm, "/workspace/VERSION").await.unwrap();
     String::from_utf8_lossy(&v).trim().to_string()
 }
@@ -291,6 +291,7 @@ async fn on_wake_drift_waits_for_a_wake_and_never_causes_one() {
         &env.ns.name,
         "lazy",
         "it-relay",
+        jiff::Timestamp::now(),
         jiff::Timestamp::now(),
         Duration::from_secs(120),
     );
