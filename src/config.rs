@@ -30,6 +30,20 @@ pub struct OperatorConfig {
     /// within this.
     #[serde(with = "humantime_serde_compat")]
     pub vm_list_interval: Duration,
+    /// A converged Sprite or User is looked at again this often without an
+    /// event (its reconcile then reads caches only).
+    #[serde(with = "humantime_serde_compat")]
+    pub resync: Duration,
+    /// Reconciles of each kind (Sprite, User) running at once.
+    pub reconcile_concurrency: u16,
+    /// Steps that provision (create, bootstrap, update) running at once
+    /// across the fleet: a new fleet or a new runtime version moves in
+    /// waves, not all at once.
+    pub max_concurrent_provisioning: usize,
+    /// Calls to Sprites.dev per second, and the burst allowed above it
+    /// (a client-side token bucket; 429 and Retry-After are honoured besides).
+    pub sprites_api_rate: u32,
+    pub sprites_api_burst: u32,
 }
 
 /// The platform team's rule for Secrets that Sprites name: the controller
@@ -117,6 +131,11 @@ impl Default for OperatorConfig {
             idle_tail: Duration::from_secs(30),
             secret_references: SecretReferences::default(),
             vm_list_interval: Duration::from_secs(60),
+            resync: Duration::from_secs(300),
+            reconcile_concurrency: 16,
+            max_concurrent_provisioning: 8,
+            sprites_api_rate: 20,
+            sprites_api_burst: 40,
         }
     }
 }
@@ -150,6 +169,21 @@ impl OperatorConfig {
         if let Some(p) = partial.pip_args {
             cfg.pip_args = p;
         }
+        if let Some(d) = partial.resync {
+            cfg.resync = humantime::parse_duration(&d).map_err(|e| format!("resync: {e}"))?;
+        }
+        if let Some(n) = partial.reconcile_concurrency {
+            cfg.reconcile_concurrency = n;
+        }
+        if let Some(n) = partial.max_concurrent_provisioning {
+            cfg.max_concurrent_provisioning = n;
+        }
+        if let Some(r) = partial.sprites_api_rate {
+            cfg.sprites_api_rate = r;
+        }
+        if let Some(b) = partial.sprites_api_burst {
+            cfg.sprites_api_burst = b;
+        }
         if let Some(d) = partial.vm_list_interval {
             cfg.vm_list_interval =
                 humantime::parse_duration(&d).map_err(|e| format!("vmListInterval: {e}"))?;
@@ -170,6 +204,15 @@ impl OperatorConfig {
                 .rate_per_hour_usd
                 .parse::<MicroUsd>()
                 .map_err(|e| format!("tiers.{}.ratePerHourUsd: {e}", tier.as_str()))?;
+        }
+        if self.reconcile_concurrency == 0 || self.max_concurrent_provisioning == 0 {
+            return Err("reconcileConcurrency and maxConcurrentProvisioning must be at least 1".into());
+        }
+        if self.sprites_api_rate == 0 || self.sprites_api_burst == 0 {
+            return Err("spritesApiRate and spritesApiBurst must be at least 1".into());
+        }
+        if self.resync.is_zero() || self.vm_list_interval.is_zero() {
+            return Err("resync and vmListInterval must be positive".into());
         }
         Ok(())
     }
@@ -204,6 +247,16 @@ struct PartialConfig {
     secret_references: Option<SecretReferences>,
     #[serde(default)]
     vm_list_interval: Option<String>,
+    #[serde(default)]
+    resync: Option<String>,
+    #[serde(default)]
+    reconcile_concurrency: Option<u16>,
+    #[serde(default)]
+    max_concurrent_provisioning: Option<usize>,
+    #[serde(default)]
+    sprites_api_rate: Option<u32>,
+    #[serde(default)]
+    sprites_api_burst: Option<u32>,
 }
 
 /// Optional durations as humantime strings.

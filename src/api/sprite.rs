@@ -438,8 +438,8 @@ pub struct SpriteStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wakes: i64,
     /// The same wakes by cause: `heartbeat`, `update`, `bootstrap`,
-    /// `server` (a start or stop of the runtime server), `session` (a relay
-    /// session that found the VM asleep).
+    /// `server` (a start, stop or restart of the runtime server). Relay
+    /// sessions wake a VM too; their time is billed from the session Lease.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub wakes_by_cause: std::collections::BTreeMap<String, i64>,
 }

@@ -1,15 +1,19 @@
 //! What every reconcile shares: clients, configuration, clock, metrics.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use kube::runtime::events::{Recorder, Reporter};
 
-use crate::api::User;
+use crate::api::{Sprite, User};
 use crate::config::OperatorConfig;
+use crate::runtime::RuntimeBundle;
 use crate::sprites::SpritesClient;
 
 use super::metrics::Metrics;
@@ -98,36 +102,104 @@ pub struct Context {
     pub session_lease_namespace: Option<String>,
     /// The watch caches the reconcilers read instead of calling the API.
     pub stores: Stores,
+    /// Permits for provisioning steps (create, bootstrap, update) across
+    /// the fleet: `maxConcurrentProvisioning`.
+    pub provisioning: tokio::sync::Semaphore,
+    /// Users to look at again, from whichever namespace's controller holds
+    /// them (a shared subject spans namespaces).
+    pub user_rechecks: tokio::sync::broadcast::Sender<kube::runtime::reflector::ObjectRef<User>>,
 }
 
 /// Reflector stores that the controllers' watches fill ([`super::run`]
-/// registers one of each kind per watched namespace).
+/// registers one of each kind per watched namespace), read instead of
+/// calling the API: a converged Sprite costs no API call (issue 25).
 #[derive(Default)]
 pub struct Stores {
-    users: RwLock<Vec<Store<User>>>,
-    leases: RwLock<Vec<Store<Lease>>>,
+    pub users: Registry<User>,
+    pub sprites: Registry<Sprite>,
+    pub leases: Registry<Lease>,
+    /// Metadata only: a runtime ConfigMap's resourceVersion says whether
+    /// the bundle parsed from it is still current.
+    pub config_maps: Registry<PartialObjectMeta<ConfigMap>>,
+    /// Metadata only, of gateway Secrets and of Secrets Sprites may name.
+    pub secrets: Registry<PartialObjectMeta<Secret>>,
+    /// Runtime bundles by ConfigMap (namespace, name), with the
+    /// resourceVersion they were parsed from.
+    bundles: Mutex<HashMap<(String, String), (String, Arc<RuntimeBundle>)>>,
+    /// Gateway token hashes by Secret UID, with their resourceVersion.
+    token_hashes: Mutex<HashMap<String, (String, String)>>,
+}
+
+/// The stores of one kind, one per watched namespace (or one for all).
+pub struct Registry<K: kube::Resource<DynamicType = ()> + Clone + 'static>(RwLock<Vec<Store<K>>>);
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Default for Registry<K> {
+    fn default() -> Self {
+        Self(RwLock::new(vec![]))
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Registry<K> {
+    pub(super) fn add(&self, store: Store<K>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).push(store);
+    }
+
+    /// Every object of every store.
+    pub fn all(&self) -> Vec<Arc<K>> {
+        let stores = self.0.read().unwrap_or_else(|p| p.into_inner());
+        stores.iter().flat_map(|s| s.state()).collect()
+    }
+
+    /// The objects of one namespace.
+    pub fn in_namespace(&self, ns: &str) -> Vec<Arc<K>> {
+        let stores = self.0.read().unwrap_or_else(|p| p.into_inner());
+        stores
+            .iter()
+            .flat_map(|s| s.state_filter(|o| o.meta().namespace.as_deref() == Some(ns)))
+            .collect()
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<K>> {
+        let key = ObjectRef::new(name).within(ns);
+        let stores = self.0.read().unwrap_or_else(|p| p.into_inner());
+        stores.iter().find_map(|s| s.get(&key))
+    }
 }
 
 impl Stores {
-    pub(super) fn add_users(&self, store: Store<User>) {
-        self.users.write().unwrap_or_else(|p| p.into_inner()).push(store);
-    }
-
-    pub(super) fn add_leases(&self, store: Store<Lease>) {
-        self.leases.write().unwrap_or_else(|p| p.into_inner()).push(store);
-    }
-
     /// Every User in every namespace the controller watches.
     pub fn users(&self) -> Vec<Arc<User>> {
-        let stores = self.users.read().unwrap_or_else(|p| p.into_inner());
-        stores.iter().flat_map(|s| s.state()).collect()
+        self.users.all()
     }
 
     /// A session Lease by namespace and name.
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
-        let key = ObjectRef::new(name).within(namespace);
-        let stores = self.leases.read().unwrap_or_else(|p| p.into_inner());
-        stores.iter().find_map(|s| s.get(&key))
+        self.leases.get(namespace, name)
+    }
+
+    /// The bundle last parsed from (ns, name) if it was parsed from `rv`.
+    pub fn bundle(&self, ns: &str, name: &str, rv: &str) -> Option<Arc<RuntimeBundle>> {
+        let bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
+        bundles
+            .get(&(ns.to_string(), name.to_string()))
+            .filter(|(v, _)| v == rv)
+            .map(|(_, b)| b.clone())
+    }
+
+    pub fn keep_bundle(&self, ns: &str, name: &str, rv: String, bundle: Arc<RuntimeBundle>) {
+        let mut bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
+        bundles.insert((ns.to_string(), name.to_string()), (rv, bundle));
+    }
+
+    /// The token hash of a Secret (by UID) if computed from `rv`.
+    pub fn token_hash(&self, uid: &str, rv: &str) -> Option<String> {
+        let hashes = self.token_hashes.lock().unwrap_or_else(|p| p.into_inner());
+        hashes.get(uid).filter(|(v, _)| v == rv).map(|(_, h)| h.clone())
+    }
+
+    pub fn keep_token_hash(&self, uid: String, rv: String, hash: String) {
+        let mut hashes = self.token_hashes.lock().unwrap_or_else(|p| p.into_inner());
+        hashes.insert(uid, (rv, hash));
     }
 }
 
@@ -142,7 +214,11 @@ impl Context {
             controller: "sprite-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        // Every call this controller makes to Sprites.dev is paced.
+        let sprites = sprites.with_rate_limit(config.sprites_api_rate, config.sprites_api_burst);
         Context {
+            provisioning: tokio::sync::Semaphore::new(config.max_concurrent_provisioning),
+            user_rechecks: tokio::sync::broadcast::channel(1024).0,
             vms: super::vm_cache::VmCache::new(config.vm_list_interval),
             recorder: Recorder::new(client.clone(), reporter),
             client,

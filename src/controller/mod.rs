@@ -108,11 +108,14 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
         }
     }
     let client = &ctx.client;
+    let limits = kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency);
     let controller = Controller::new(
         api::<Sprite>(client, &namespace),
         watcher::Config::default().any_semantic(),
-    );
+    )
+    .with_config(limits.clone());
     let store = controller.store();
+    ctx.stores.sprites.add(store.clone());
     let (by_cm, by_user, by_sibling, by_vm) = (store.clone(), store.clone(), store.clone(), store.clone());
     let by_secret = store;
     // Secrets a server's environment may come from (the platform's label):
@@ -123,30 +126,21 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
                 Some(v) => format!("{key}={v}"),
                 None => key.to_string(),
             };
-            watcher(
+            let (secrets, writer) = reflector::store();
+            ctx.stores.secrets.add(secrets);
+            let events = watcher(
                 api::<PartialObjectMeta<Secret>>(client, &namespace),
                 watcher::Config::default().labels(&selector),
             )
-            .default_backoff()
-            .touched_objects()
-            .boxed()
+            .default_backoff();
+            reflector::reflector(writer, events).touched_objects().boxed()
         }
         // Any Secret may be named: watching them all is what this controller
         // avoids; a change is then noticed at the next resync.
         None => futures::stream::pending().boxed(),
     };
     // A VM the periodic list found changed: its Sprite is looked at again.
-    let vm_changes = futures::stream::unfold(ctx.vms.changes(), |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(name) => return Some((name, rx)),
-                // Missed names: their Sprites come back at their resync.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .flat_map(move |name| {
+    let vm_changes = received(ctx.vms.changes()).flat_map(move |name| {
         futures::stream::iter(
             by_vm
                 .state()
@@ -160,7 +154,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
     // Session Leases: in the configured namespace, else in the Sprites' own.
     let lease_ns = ctx.session_lease_namespace.clone().or_else(|| namespace.clone());
     let (leases, lease_writer) = reflector::store::<Lease>();
-    ctx.stores.add_leases(leases);
+    ctx.stores.leases.add(leases);
     let lease_events = reflector::reflector(
         lease_writer,
         watcher(
@@ -172,27 +166,30 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
     .touched_objects();
     let configured_lease_ns = ctx.session_lease_namespace.clone();
     let scope_ns = namespace.clone();
+    let (config_maps, cm_writer) = reflector::store();
+    ctx.stores.config_maps.add(config_maps);
+    let cm_events = reflector::reflector(
+        cm_writer,
+        watcher(
+            api::<PartialObjectMeta<ConfigMap>>(client, &namespace),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    )
+    .touched_objects();
 
     let user_shutdown = shutdown.clone();
     let sprites = controller
-        .watches_stream(
-            watcher(
-                api::<PartialObjectMeta<ConfigMap>>(client, &namespace),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .touched_objects(),
-            move |cm| {
-                dependents(&by_cm, cm.namespace(), |s| {
-                    s.spec
-                        .template
-                        .runtime
-                        .source
-                        .as_ref()
-                        .is_some_and(|src| src.config_map.name == cm.name_any())
-                })
-            },
-        )
+        .watches_stream(cm_events, move |cm| {
+            dependents(&by_cm, cm.namespace(), |s| {
+                s.spec
+                    .template
+                    .runtime
+                    .source
+                    .as_ref()
+                    .is_some_and(|src| src.config_map.name == cm.name_any())
+            })
+        })
         .watches_stream(env_secrets, move |secret| {
             let name = secret.name_any();
             dependents(&by_secret, secret.namespace(), |s| {
@@ -231,18 +228,29 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
     let users = Controller::new(
         api::<User>(client, &namespace),
         watcher::Config::default().any_semantic(),
-    );
-    ctx.stores.add_users(users.store());
+    )
+    .with_config(limits);
+    ctx.stores.users.add(users.store());
     let peers_ctx = ctx.clone();
-    let users = users
-        .owns_stream(
-            watcher(
-                api::<PartialObjectMeta<Secret>>(client, &namespace),
-                watcher::Config::default().labels(USER_LABEL),
-            )
-            .default_backoff()
-            .touched_objects(),
+    // Users of this controller's namespace that a change elsewhere asked to
+    // look at again.
+    let user_scope = namespace.clone();
+    let rechecks = received(ctx.user_rechecks.subscribe()).filter(move |r: &ObjectRef<User>| {
+        futures::future::ready(user_scope.is_none() || r.namespace == user_scope)
+    });
+    let (gateways, gateway_writer) = reflector::store();
+    ctx.stores.secrets.add(gateways);
+    let gateway_events = reflector::reflector(
+        gateway_writer,
+        watcher(
+            api::<PartialObjectMeta<Secret>>(client, &namespace),
+            watcher::Config::default().labels(USER_LABEL),
         )
+        .default_backoff(),
+    )
+    .touched_objects();
+    let users = users
+        .owns_stream(gateway_events)
         .watches(
             api::<Sprite>(client, &namespace),
             watcher::Config::default(),
@@ -253,24 +261,41 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
         )
         // A User's DuplicateSubject condition depends on the other Users of
         // every watched namespace: re-check the ones a change can clear or
-        // raise.
+        // raise. They may be another namespace's, whose controller this is
+        // not: the request goes to every controller, each takes its own.
         .watches(
             api::<User>(client, &namespace),
             watcher::Config::default(),
             move |changed| {
-                peers_ctx
-                    .stores
-                    .users()
-                    .iter()
-                    .filter(|other| user::subject_peer(&changed, other))
-                    .map(|other| ObjectRef::from_obj(other.as_ref()))
-                    .collect::<Vec<_>>()
+                for other in peers_ctx.stores.users() {
+                    if user::subject_peer(&changed, &other) {
+                        let _ = peers_ctx.user_rechecks.send(ObjectRef::from_obj(other.as_ref()));
+                    }
+                }
+                Vec::<ObjectRef<User>>::new()
             },
         )
+        .reconcile_on(rechecks)
         .graceful_shutdown_on(async move { user_shutdown.cancelled().await })
         .run(user::reconcile, user::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     futures::join!(sprites, users);
+}
+
+/// What a broadcast channel delivers, as a stream; messages missed by a slow
+/// reader are skipped (their objects come back at their resync).
+fn received<T: Clone + Send + 'static>(
+    rx: tokio::sync::broadcast::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(v) => return Some((v, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 /// The Sprite a session Lease speaks for, if it may speak for it: a Lease

@@ -3,11 +3,12 @@
 //! the relay's session Lease, and what is inside the VM only while it is
 //! awake for another reason. Reads only: nothing here writes status or acts.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
@@ -31,7 +32,7 @@ use crate::sprites;
 pub struct Observed {
     pub(super) facts: Facts,
     pub(super) vm: Option<sprites::Sprite>,
-    pub(super) bundle: Option<RuntimeBundle>,
+    pub(super) bundle: Option<Arc<RuntimeBundle>>,
     pub(super) bundle_error: Option<String>,
     pub(super) schedule: Option<Schedule>,
     pub(super) schedule_error: Option<String>,
@@ -123,14 +124,17 @@ pub(super) async fn observe(
         Err(e) => (None, Some(e.to_string())),
     };
 
-    let user = Api::<User>::namespaced(ctx.client.clone(), ns)
-        .get_opt(&sprite.spec.user_ref.name)
-        .await?;
+    let user = get_user(ctx, ns, &sprite.spec.user_ref.name).await?;
     let user_missing = user.is_none();
     let ledger_behind = deleting && user.as_ref().is_some_and(|u| ledger_behind(u, sprite, now));
     let tier = user.as_ref().map(|u| ctx.config.tier(u.spec.tier).clone());
     let quota_admits = match (&user, &tier) {
-        (Some(u), Some(t)) => admitted_by_quota(ctx, ns, sprite, &u.name_any(), t.max_sprites).await?,
+        (Some(u), Some(t)) => admitted_by_quota(
+            &ctx.stores.sprites.in_namespace(ns),
+            sprite,
+            &u.name_any(),
+            t.max_sprites,
+        ),
         // Without its User a Sprite is admitted nowhere (user_missing says why).
         _ => false,
     };
@@ -358,10 +362,15 @@ pub(super) async fn server_config_hash(sprite: &Sprite, ctx: &Context, ns: &str)
     for var in &server.env {
         if let Some(from) = &var.value_from {
             let name = &from.secret_key_ref.name;
-            let rv = metas
-                .get_metadata_opt(name)
-                .await?
-                .and_then(|m| m.metadata.resource_version);
+            // The metadata cache holds the Secrets Sprites may name; ask the
+            // API only for one it does not hold.
+            let rv = match ctx.stores.secrets.get(ns, name) {
+                Some(m) => m.metadata.resource_version.clone(),
+                None => metas
+                    .get_metadata_opt(name)
+                    .await?
+                    .and_then(|m| m.metadata.resource_version),
+            };
             versions.insert(name.clone(), rv);
         }
     }
@@ -403,18 +412,37 @@ pub(super) fn elapsed(from: Timestamp, to: Timestamp) -> Duration {
 }
 
 /// The runtime this Sprite should run: the embedded one or its ConfigMap's.
-/// A pinned `runtime.version` that the source does not hold is an error.
-async fn desired_bundle(sprite: &Sprite, ctx: &Context, ns: &str) -> Result<RuntimeBundle, Error> {
+/// A pinned `runtime.version` that the source does not hold is an error. A
+/// ConfigMap is read (and parsed) again only when its resourceVersion in the
+/// metadata cache moved.
+async fn desired_bundle(sprite: &Sprite, ctx: &Context, ns: &str) -> Result<Arc<RuntimeBundle>, Error> {
     let bundle = match &sprite.spec.template.runtime.source {
-        None => RuntimeBundle::embedded(),
+        None => embedded_bundle(),
         Some(src) => {
-            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-            let cm = cms
-                .get_opt(&src.config_map.name)
-                .await?
-                .ok_or_else(|| Error::Runtime(format!("ConfigMap {} not found", src.config_map.name)))?;
-            RuntimeBundle::from_config_map(&cm.data.unwrap_or_default())
-                .map_err(|e| Error::Runtime(format!("ConfigMap {}: {e}", src.config_map.name)))?
+            let name = &src.config_map.name;
+            let cached = ctx
+                .stores
+                .config_maps
+                .get(ns, name)
+                .and_then(|m| m.metadata.resource_version.clone())
+                .and_then(|rv| ctx.stores.bundle(ns, name, &rv));
+            match cached {
+                Some(b) => b,
+                None => {
+                    let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+                        .get_opt(name)
+                        .await?
+                        .ok_or_else(|| Error::Runtime(format!("ConfigMap {name} not found")))?;
+                    let b = Arc::new(
+                        RuntimeBundle::from_config_map(&cm.data.unwrap_or_default())
+                            .map_err(|e| Error::Runtime(format!("ConfigMap {name}: {e}")))?,
+                    );
+                    if let Some(rv) = cm.metadata.resource_version {
+                        ctx.stores.keep_bundle(ns, name, rv, b.clone());
+                    }
+                    b
+                }
+            }
         }
     };
     if let Some(pin) = &sprite.spec.template.runtime.version
@@ -428,27 +456,37 @@ async fn desired_bundle(sprite: &Sprite, ctx: &Context, ns: &str) -> Result<Runt
     Ok(bundle)
 }
 
+/// The embedded runtime, parsed once.
+fn embedded_bundle() -> Arc<RuntimeBundle> {
+    static EMBEDDED: std::sync::OnceLock<Arc<RuntimeBundle>> = std::sync::OnceLock::new();
+    EMBEDDED
+        .get_or_init(|| Arc::new(RuntimeBundle::embedded()))
+        .clone()
+}
+
+/// A User from the watch cache; from the API when the cache has none (not
+/// synced yet, or truly gone: a get tells which, so a cache that lags never
+/// suspends a Sprite).
+async fn get_user(ctx: &Context, ns: &str, name: &str) -> Result<Option<User>, Error> {
+    if let Some(u) = ctx.stores.users.get(ns, name) {
+        return Ok(Some((*u).clone()));
+    }
+    Ok(Api::<User>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?)
+}
+
 /// The oldest Sprites of a User (by creation, then name) fit in its quota.
-async fn admitted_by_quota(
-    ctx: &Context,
-    ns: &str,
-    sprite: &Sprite,
-    user: &str,
-    max: u32,
-) -> Result<bool, Error> {
-    let all = Api::<Sprite>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default())
-        .await?;
-    let mut mine: Vec<&Sprite> = all
-        .items
+fn admitted_by_quota(siblings: &[Arc<Sprite>], sprite: &Sprite, user: &str, max: u32) -> bool {
+    let mut mine: Vec<&Sprite> = siblings
         .iter()
+        .map(AsRef::as_ref)
         .filter(|s| s.spec.user_ref.name == user && s.meta().deletion_timestamp.is_none())
         .collect();
     mine.sort_by_key(|s| (s.meta().creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
-    Ok(mine
-        .iter()
+    mine.iter()
         .position(|s| s.uid() == sprite.uid())
-        .is_some_and(|i| (i as u32) < max))
+        .is_some_and(|i| (i as u32) < max)
 }
 
 #[cfg(test)]

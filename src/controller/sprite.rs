@@ -16,7 +16,7 @@ use super::context::Context;
 use super::error::Error;
 use super::metrics::{StepLabels, WakeLabels};
 use super::observe::{Observed, VmRead, elapsed, get_vm, observe, same_vm, vm_owner};
-use super::plan::{self, Step, VmOwner};
+use super::plan::{self, ResetReason, Step, VmOwner};
 use super::schedule::Schedule;
 use super::sprite_status::{derive_status, publish_events, write_status_if_changed};
 use super::usage::charge;
@@ -26,12 +26,10 @@ use crate::api::sprite::{
     UpdateStatus,
 };
 use crate::api::{Sprite, SpriteStatus};
-use crate::runtime::{self, RuntimeBundle};
+use crate::runtime;
 use crate::sprites;
 
 pub use super::sprite_status::MANAGER;
-/// Re-check converged Sprites this often even without events.
-const RESYNC: Duration = Duration::from_secs(300);
 /// Come back soon after a step that made progress.
 const PROGRESS: Duration = Duration::from_millis(200);
 /// Failed attempts of an update to one version before that version is
@@ -68,7 +66,7 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     status.sprite_name = Some(vm_name.clone());
     // A due tick is consumed by starting its heartbeat (or by suspension);
     // while another step runs first it stays planned, so it is not lost.
-    if let Some(d) = &observed.tick {
+    if let Some(d) = observed.tick.as_ref().filter(|_| !observed.facts.paused) {
         record_tick(&mut status, d, observed.facts.suspended, &step);
     }
     let t0 = Instant::now();
@@ -105,6 +103,7 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
             observed.session_live_until,
             now,
             ctx.clock.as_ref(),
+            ctx.config.resync,
         )),
     })
 }
@@ -138,6 +137,16 @@ async fn perform(
     status: &mut SpriteStatus,
     now: Timestamp,
 ) -> Result<bool, Error> {
+    // Provisioning moves in waves across the fleet, bounded by its permits.
+    let _permit = match step {
+        Step::CreateVm | Step::Bootstrap(_) | Step::Update => Some(
+            ctx.provisioning
+                .acquire()
+                .await
+                .expect("the provisioning semaphore is never closed"),
+        ),
+        _ => None,
+    };
     // A step that acts inside a VM that is asleep wakes it: counted once, by
     // cause (decision 3). A fresh get preceded any such step.
     if let Some(cause) = wake_cause(step, &observed.facts) {
@@ -213,7 +222,11 @@ async fn perform(
         Step::ResetBootstrap(reason) => {
             // The VM does not have what status says was done to it: start
             // over. Every step is idempotent and memory templates only fill
-            // gaps, so a VM that kept its files loses nothing.
+            // gaps, so a VM that kept its files loses nothing. A server still
+            // running there goes first, or the new one could not bind.
+            if *reason != ResetReason::VmReplaced {
+                stop(ctx, vm_name, status).await?;
+            }
             status.bootstrap = None;
             status.deployed_version = None;
             status.server_session_id = None;
@@ -256,17 +269,19 @@ async fn perform(
         }
         Step::Update => {
             let bundle = observed.bundle.as_ref().ok_or_else(|| runtime_err(observed))?;
+            // Worked out first: the update restarts the server with it.
+            let hash = server_config_hash_now(sprite, ctx).await?;
             let result = update(sprite, ctx, vm_name, bundle, status).await;
             record_update(status, &bundle.version, result.as_ref().err());
             if result.is_ok() {
-                status.server_config_hash = Some(server_config_hash_now(sprite, ctx).await?);
+                status.server_config_hash = Some(hash);
                 status.server_port = Some(sprite.spec.template.server.port);
             }
             result.map(|()| true)
         }
         Step::StartHeartbeat(tick) => {
             let schedule = observed.schedule.as_ref().expect("a due tick has a schedule");
-            let has_entry = observed.bundle.as_ref().is_some_and(RuntimeBundle::has_heartbeat);
+            let has_entry = observed.bundle.as_ref().is_some_and(|b| b.has_heartbeat());
             let req = base_exec(heartbeat_command(has_entry, schedule.duration, *tick))
                 .max_run_after_disconnect(schedule.duration + Duration::from_secs(30));
             let session = ctx.sprites.exec_detached(vm_name, &req).await?;
@@ -507,6 +522,7 @@ fn idle_requeue(
     session_until: Option<Timestamp>,
     now: Timestamp,
     clock: &dyn super::Clock,
+    resync: Duration,
 ) -> Duration {
     let next_tick = status.next_heartbeat_time.as_ref().map(|t| elapsed(now, t.0));
     let collect = status.active_heartbeat.as_ref().map(|h| {
@@ -518,8 +534,8 @@ fn idle_requeue(
         .filter(|u| *u > now)
         .map(|u| elapsed(now, u) + Duration::from_secs(1));
     match next_tick.into_iter().chain(collect).chain(session_end).min() {
-        Some(d) => clock.to_real(d).clamp(Duration::from_millis(10), RESYNC),
-        None => RESYNC,
+        Some(d) => clock.to_real(d).clamp(Duration::from_millis(10), resync),
+        None => resync,
     }
 }
 

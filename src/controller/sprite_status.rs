@@ -196,6 +196,19 @@ pub(super) fn derive_status(
         }
         _ => {}
     }
+    if matches!(step, Step::Blocked(BlockedReason::LedgerPending)) {
+        set(
+            status,
+            DesiredCondition::new(
+                "DeletionPending",
+                true,
+                "LedgerPending",
+                "waiting for the User to record this Sprite's spend of the month (a paused User records nothing)",
+            ),
+        );
+    } else {
+        remove_condition(&mut status.conditions, "DeletionPending");
+    }
     if matches!(step, Step::Blocked(BlockedReason::NameConflict)) {
         let (reason, message) = match f.vm.as_ref().map(|v| v.owner) {
             Some(VmOwner::Other) => (

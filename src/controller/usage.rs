@@ -149,21 +149,24 @@ pub fn session_time(
     now: Timestamp,
     idle_tail: std::time::Duration,
 ) -> (i64, SessionBilling) {
-    let same_run = billed.filter(|b| b.acquired.0 == live.acquired);
-    let from = same_run.map_or(live.acquired, |b| b.billed_until.0.max(live.acquired));
+    // Relay replicas each keep their own start of a run, so the Lease's
+    // acquireTime can move back and forth within one run: a run is new only
+    // when it started after everything accounted so far.
+    let new_run = billed.is_none_or(|b| live.acquired > b.billed_until.0);
+    let from = billed.map_or(live.acquired, |b| b.billed_until.0.max(live.acquired));
     let to = live.renewed.max(from);
     let mut seconds = to.duration_since(from).as_secs().max(0);
-    let ended = live.until <= now;
-    let tail_billed = same_run.is_some_and(|b| b.tail_billed);
-    if ended && !tail_billed {
+    let mut tail_billed = !new_run && billed.is_some_and(|b| b.tail_billed);
+    if live.until <= now && !tail_billed {
         seconds += i64::try_from(idle_tail.as_secs()).unwrap_or(0);
+        tail_billed = true;
     }
     (
         seconds,
         SessionBilling {
             acquired: Time(live.acquired),
             billed_until: Time(to),
-            tail_billed: tail_billed || ended,
+            tail_billed,
         },
     )
 }

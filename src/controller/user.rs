@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use rand::RngCore;
@@ -27,7 +27,6 @@ use crate::api::{Sprite, User, UserStatus};
 use crate::config::TierLimits;
 
 pub const MANAGER: &str = "sprite-operator-user";
-const RESYNC: Duration = Duration::from_secs(60);
 pub const TOKEN_KEY: &str = "token";
 
 pub fn primary_sprite_name(user: &str) -> String {
@@ -78,9 +77,9 @@ pub fn subject_peer(changed: &User, other: &User) -> bool {
 }
 
 /// When to look again: at the period boundary (usage resets) or the resync.
-pub fn requeue_after(now: Timestamp) -> Duration {
-    let to_boundary = Duration::try_from(usage::next_period_start(now).duration_since(now)).unwrap_or(RESYNC);
-    to_boundary.clamp(Duration::from_millis(100), RESYNC)
+pub fn requeue_after(now: Timestamp, resync: Duration) -> Duration {
+    let to_boundary = Duration::try_from(usage::next_period_start(now).duration_since(now)).unwrap_or(resync);
+    to_boundary.clamp(Duration::from_millis(100), resync)
 }
 
 fn owner_ref(user: &User) -> OwnerReference {
@@ -124,12 +123,10 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
     let gateway = ensure_gateway_secret(&ctx, &user, &ns).await?;
     let primary_ok = ensure_primary_sprite(&ctx, &user, &ns).await?;
 
-    let sprites = Api::<Sprite>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default())
-        .await?;
+    let sprites = ctx.stores.sprites.in_namespace(&ns);
     let mine: Vec<&Sprite> = sprites
-        .items
         .iter()
+        .map(AsRef::as_ref)
         .filter(|s| s.spec.user_ref.name == name)
         .collect();
     // The month's spend from the ledger, which keeps deleted Sprites' share.
@@ -236,7 +233,11 @@ pub async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Err
             let _ = ctx.recorder.publish(&ev, &user.object_ref(&())).await;
         }
     }
-    Ok(Action::requeue(ctx.clock.to_real(requeue_after(now)).min(RESYNC)))
+    Ok(Action::requeue(
+        ctx.clock
+            .to_real(requeue_after(now, ctx.config.resync))
+            .min(ctx.config.resync),
+    ))
 }
 
 pub fn error_policy(_user: Arc<User>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -265,16 +266,14 @@ pub fn sharers(user: &User, users: &[Arc<User>]) -> Vec<String> {
 /// Whether an existing Secret is this User's gateway Secret: owned by the
 /// User (its UID), or labelled with its name (a restore from a backup
 /// changes UIDs). Anything else someone else put under that name.
-pub fn gateway_secret_is_users(secret: &Secret, user: &User) -> bool {
+pub fn gateway_secret_is_users(secret: &ObjectMeta, user: &User) -> bool {
     let uid = user.uid();
     let owned = secret
-        .metadata
         .owner_references
         .iter()
         .flatten()
         .any(|o| o.kind == "User" && Some(&o.uid) == uid.as_ref());
     let labelled = secret
-        .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(USER_LABEL))
@@ -292,8 +291,17 @@ async fn ensure_gateway_secret(
 ) -> Result<Result<String, String>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = gateway_secret_name(&user.name_any());
+    // The hash computed at the resourceVersion the metadata cache holds:
+    // a converged User reads no Secret.
+    if let Some(meta) = ctx.stores.secrets.get(ns, &name)
+        && gateway_secret_is_users(&meta.metadata, user)
+        && let (Some(uid), Some(rv)) = (&meta.metadata.uid, &meta.metadata.resource_version)
+        && let Some(hash) = ctx.stores.token_hash(uid, rv)
+    {
+        return Ok(Ok(hash));
+    }
     if let Some(s) = secrets.get_opt(&name).await? {
-        if !gateway_secret_is_users(&s, user) {
+        if !gateway_secret_is_users(&s.metadata, user) {
             return Ok(Err(format!(
                 "Secret {name} exists but is not this User's (no owner reference to it, no \
                  {USER_LABEL} label naming it): it is not used; delete or rename it"
@@ -304,7 +312,11 @@ async fn ensure_gateway_secret(
             .as_ref()
             .and_then(|d| d.get(TOKEN_KEY))
             .ok_or_else(|| Error::Secret(format!("{name} has no key {TOKEN_KEY}")))?;
-        return Ok(Ok(token_sha256(&token.0)));
+        let hash = token_sha256(&token.0);
+        if let (Some(uid), Some(rv)) = (s.metadata.uid.clone(), s.metadata.resource_version.clone()) {
+            ctx.stores.keep_token_hash(uid, rv, hash.clone());
+        }
+        return Ok(Ok(hash));
     }
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
@@ -340,6 +352,13 @@ async fn ensure_primary_sprite(ctx: &Context, user: &User, ns: &str) -> Result<b
         return Ok(true);
     };
     let name = primary_sprite_name(&user.name_any());
+    // Applied only when the cached Sprite differs: a converged User writes
+    // nothing.
+    if let Some(existing) = ctx.stores.sprites.get(ns, &name)
+        && primary_is_current(&existing, user, template)
+    {
+        return Ok(true);
+    }
     let mut spec = serde_json::to_value(template).expect("template serialises");
     spec["userRef"] = json!({"name": user.name_any()});
     let desired = json!({
@@ -360,6 +379,21 @@ async fn ensure_primary_sprite(ctx: &Context, user: &User, ns: &str) -> Result<b
         )
         .await?;
     Ok(true)
+}
+
+/// Whether the primary Sprite already is what the User's template says.
+fn primary_is_current(
+    existing: &Sprite,
+    user: &User,
+    template: &crate::api::sprite::SpriteTemplateSpec,
+) -> bool {
+    existing.spec.template == *template
+        && existing.spec.user_ref.name == user.name_any()
+        && existing
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == user.uid().as_ref())
+        && existing.labels().get(USER_LABEL) == Some(&user.name_any())
 }
 
 async fn write_status(ctx: &Context, user: &User, ns: &str, status: UserStatus) -> Result<(), Error> {
@@ -464,23 +498,24 @@ mod tests {
         let alice = user("acme", "alice", "idp|1", false);
         let s = |v: serde_json::Value| -> Secret { serde_json::from_value(v).unwrap() };
         let planted = s(json!({"metadata": {"name": "alice-gateway"}}));
-        assert!(!gateway_secret_is_users(&planted, &alice));
+        assert!(!gateway_secret_is_users(&planted.metadata, &alice));
         let other_owner = s(json!({"metadata": {"name": "alice-gateway", "ownerReferences": [{
             "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "name": "alice", "uid": "someone-else"}]}}));
-        assert!(!gateway_secret_is_users(&other_owner, &alice));
+        assert!(!gateway_secret_is_users(&other_owner.metadata, &alice));
         let owned = s(json!({"metadata": {"name": "alice-gateway", "ownerReferences": [{
             "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "User", "name": "alice", "uid": "acme/alice"}]}}));
-        assert!(gateway_secret_is_users(&owned, &alice));
+        assert!(gateway_secret_is_users(&owned.metadata, &alice));
         let labelled = s(json!({"metadata": {"name": "alice-gateway",
             "labels": {"sprite-operator.dev/user": "alice"}}}));
-        assert!(gateway_secret_is_users(&labelled, &alice));
+        assert!(gateway_secret_is_users(&labelled.metadata, &alice));
     }
 
     #[test]
     fn requeue_comes_back_at_the_month_boundary() {
         let now: Timestamp = "2026-11-30T23:59:50Z".parse().unwrap();
-        assert_eq!(requeue_after(now), Duration::from_secs(10));
+        let resync = Duration::from_secs(300);
+        assert_eq!(requeue_after(now, resync), Duration::from_secs(10));
         let now: Timestamp = "2026-11-15T00:00:00Z".parse().unwrap();
-        assert_eq!(requeue_after(now), RESYNC);
+        assert_eq!(requeue_after(now, resync), resync);
     }
 }

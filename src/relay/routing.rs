@@ -106,6 +106,7 @@ pub fn strip_user(u: &mut User) {
     u.spec.email.clear();
     if let Some(s) = u.status.as_mut() {
         s.usage = None;
+        s.ledger = None;
         s.gateway_secret_ref = None;
         s.conditions.retain(|c| c.type_ == super::auth::DUPLICATE_SUBJECT);
         for c in &mut s.conditions {

@@ -156,6 +156,8 @@ pub(crate) struct Inner {
     /// Where the client's own timers go: retry sleeps, connect and reply
     /// timeouts (`crate::timers`; reqwest's are its own).
     pub timers: Timers,
+    /// Spreads calls out (the controller sets one; the relay does not).
+    pub rate: Option<Arc<super::rate::RateLimit>>,
 }
 
 impl SpritesClient {
@@ -183,6 +185,7 @@ impl SpritesClient {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
             timers: Timers::current(),
+            rate: None,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -203,6 +206,22 @@ impl SpritesClient {
         self.rebuild(|i| i.timers = timers)
     }
 
+    /// At most `per_second` calls a second on average, `burst` at once.
+    pub fn with_rate_limit(self, per_second: u32, burst: u32) -> Self {
+        let rate = Arc::new(super::rate::RateLimit::new(per_second, burst));
+        self.rebuild(|i| i.rate = Some(rate))
+    }
+
+    /// Waits for the rate limit's token, if there is a limit.
+    async fn paced(&self) {
+        if let Some(rate) = &self.inner.rate {
+            let wait = rate.take(std::time::Instant::now());
+            if !wait.is_zero() {
+                self.inner.timers.sleep(wait).await;
+            }
+        }
+    }
+
     pub fn base_url(&self) -> &Url {
         &self.inner.base
     }
@@ -215,6 +234,7 @@ impl SpritesClient {
             retry: self.inner.retry.clone(),
             timeouts: self.inner.timeouts.clone(),
             timers: self.inner.timers.clone(),
+            rate: self.inner.rate.clone(),
         };
         change(&mut inner);
         Self {
@@ -250,6 +270,7 @@ impl SpritesClient {
     }
 
     async fn send_once(&self, call: &Call) -> Result<Bytes, Error> {
+        self.paced().await;
         let method = method_name(&call.method);
         let log_url = url_for_log(&call.url);
         let auth = self.auth_header()?;
@@ -333,6 +354,7 @@ impl SpritesClient {
         config: Option<WebSocketConfig>,
         dial: &D,
     ) -> Result<WsStream<D::Stream>, Error> {
+        self.paced().await;
         let log_url = url_for_log(url);
         let mut request = url
             .as_str()

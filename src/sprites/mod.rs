@@ -12,6 +12,7 @@ mod exec;
 pub mod frame;
 mod fs;
 mod proxy;
+mod rate;
 mod redact;
 mod rest;
 mod types;

@@ -7,6 +7,7 @@ mod control_plane;
 mod demo;
 mod helm_chart;
 mod relay;
+mod scale;
 mod sim_support;
 mod sprite_controller;
 mod sprite_lifecycle;

@@ -35,9 +35,15 @@ pub struct Env {
 /// pip arguments that install from the wheelhouse `make test` prepared, so
 /// VMs need no package index (decision 15).
 pub fn test_config() -> OperatorConfig {
+    // A resync of seconds, not minutes: what a test waits for without an
+    // event (an unlabelled Secret gone, say) comes within its timeouts.
+    let config = OperatorConfig {
+        resync: Duration::from_secs(20),
+        ..OperatorConfig::default()
+    };
     match std::env::var_os("SPRITE_WHEELHOUSE") {
-        Some(w) => OperatorConfig::default().with_wheelhouse(std::path::Path::new(&w)),
-        None => OperatorConfig::default(),
+        Some(w) => config.with_wheelhouse(std::path::Path::new(&w)),
+        None => config,
     }
 }
 
