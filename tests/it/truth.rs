@@ -347,13 +347,13 @@ async fn relay_time_is_billed_and_a_deleted_sprites_spend_stays_in_the_month() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_over_budget_users_browser_is_refused() {
+async fn a_relay_session_is_billed_and_an_over_budget_users_browser_is_refused() {
+    // A one-minute budget, and two minutes of idle tail after each wake:
+    // one relay session spends the month.
     let mut config = test_config();
-    config
-        .tiers
-        .get_mut(&sprite_operator::api::Tier::Free)
-        .unwrap()
-        .monthly_runtime = Some(Duration::from_secs(60));
+    config.idle_tail = Duration::from_secs(120);
+    let free = config.tiers.get_mut(&sprite_operator::api::Tier::Free).unwrap();
+    free.monthly_runtime = Some(Duration::from_secs(60));
     let Some(env) = Env::with("over-budget", |c| c, config, Arc::new(controller::SystemClock)).await else {
         return;
     };
@@ -365,23 +365,28 @@ async fn an_over_budget_users_browser_is_refused() {
     let mut user = user_doc("frugal", "free");
     user["spec"]["sprite"] = json!({});
     apply(&env.ns, &user).await;
-    env.wait_ready("frugal-primary", 180).await;
-    let relay = crate::relay::start_relay_over(&env, Some(&env.ns.name), |_| {}).await;
+    let before = env.wait_ready("frugal-primary", 180).await.status.unwrap();
+    // Session Leases of 2 s, renewed every second while the session lives.
+    let relay = crate::relay::start_relay_over(&env, Some(&env.ns.name), |c| {
+        c.lease = Duration::from_secs(2);
+        c.lease_refresh = Duration::from_secs(1);
+    })
+    .await;
     crate::relay::wait_cached_token(&relay, &token).await;
     let mut ws = crate::relay::connect_browser(&relay, &token, "")
         .await
         .expect("connects");
     crate::relay::ping(&mut ws, "before").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     drop(ws);
 
-    // Two minutes of sessions on a one-minute budget.
-    session_lease(
-        &env.ns,
-        "frugal-primary",
-        Duration::from_secs(120),
-        Duration::from_secs(1),
-    )
+    // The session's Lease runs out: its time and the tail are billed.
+    let st = status_where(&env.ns, "frugal-primary", "the session billed", 60, |st| {
+        st.runtime_seconds >= before.runtime_seconds + 120
+    })
     .await;
+    let billing = st.session_billing.expect("accounted from the relay's Lease");
+    assert!(billing.tail_billed);
     let users = env.ns.api::<User>();
     eventually("frugal to be over budget", 60, || async {
         let u = users.get("frugal").await.map_err(|e| e.to_string())?;
