@@ -28,7 +28,7 @@ python-env: ## Create (or reuse) the runtime's venv and wheelhouse
 # clock): they run after the others, one at a time, because on two cores
 # shared with three other tests' VM bootstraps a tick can fire late enough
 # to be skipped (seen in CI rehearsals). They are never skipped overall.
-TIMED_TESTS := heartbeats_run_on_schedule_and_are_the_only_wakes over_a_simulated_hour_the_only_wakes_are_heartbeats
+TIMED_TESTS := heartbeats_run_on_schedule_and_are_the_only_wakes over_a_simulated_hour_the_only_wakes_are_heartbeats over_a_simulated_hour_with_a_session_every_wake_has_a_counted_cause
 
 .PHONY: test
 test: ## Run all tests: unit, runtime (pytest), integration on a real kube-apiserver

@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 
 /// Label on every session Lease: the controller watches only these.
 pub const SESSION_LABEL: &str = "sprite-operator.dev/session";
+/// Annotation counting the upstream connections the relay made in this run
+/// of sessions: each may have woken the VM (decision 3).
+pub const CONNECTS_ANNOTATION: &str = "sprite-operator.dev/upstream-connects";
 /// Annotation naming the Sprite as `<namespace>/<name>`, for mapping a
 /// Lease event to its Sprite (a Sprite's name may be longer than a label).
 pub const SPRITE_ANNOTATION: &str = "sprite-operator.dev/sprite";
@@ -62,6 +65,15 @@ pub fn lease(
     }
 }
 
+/// Records the run's upstream connects on a Lease.
+pub fn set_connects(lease: &mut Lease, connects: u32) {
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(CONNECTS_ANNOTATION.to_string(), connects.to_string());
+}
+
 /// The Sprite a session Lease speaks for, from its annotation.
 pub fn sprite_of(lease: &Lease) -> Option<(String, String)> {
     let value = lease.metadata.annotations.as_ref()?.get(SPRITE_ANNOTATION)?;
@@ -78,6 +90,8 @@ pub struct Live {
     pub renewed: Timestamp,
     /// They may be live until here; after it, the run has ended.
     pub until: Timestamp,
+    /// Upstream connections made in the run (each may have woken the VM).
+    pub connects: u32,
 }
 
 /// What the Lease says, if it says anything.
@@ -90,10 +104,18 @@ pub fn live(lease: &Lease) -> Option<Live> {
     let acquired = second(spec.acquire_time.as_ref().map_or(renewed, |t| t.0)).min(renewed);
     let secs = i64::from(spec.lease_duration_seconds?.max(0));
     let until = renewed.checked_add(jiff::SignedDuration::from_secs(secs)).ok()?;
+    let connects = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CONNECTS_ANNOTATION))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     Some(Live {
         acquired,
         renewed,
         until,
+        connects,
     })
 }
 

@@ -438,8 +438,9 @@ pub struct SpriteStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wakes: i64,
     /// The same wakes by cause: `heartbeat`, `update`, `bootstrap`,
-    /// `server` (a start, stop or restart of the runtime server). Relay
-    /// sessions wake a VM too; their time is billed from the session Lease.
+    /// `server` (a start, stop or restart of the runtime server), `session`
+    /// (an upstream connection of the relay, which the relay counts in its
+    /// session Lease: each may have woken the VM).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub wakes_by_cause: std::collections::BTreeMap<String, i64>,
 }
@@ -499,6 +500,13 @@ pub struct SessionBilling {
     /// The idle tail after the run ended has been accounted.
     #[serde(default)]
     pub tail_billed: bool,
+    /// Upstream connects of the run counted as wakes (cause `session`).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub connects: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &i64) -> bool {

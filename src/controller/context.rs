@@ -125,10 +125,15 @@ pub struct Stores {
     pub secrets: Registry<PartialObjectMeta<Secret>>,
     /// Runtime bundles by ConfigMap (namespace, name), with the
     /// resourceVersion they were parsed from.
-    bundles: Mutex<HashMap<(String, String), (String, Arc<RuntimeBundle>)>>,
+    bundles: Mutex<HashMap<NsName, Versioned<Arc<RuntimeBundle>>>>,
     /// Gateway token hashes by Secret UID, with their resourceVersion.
-    token_hashes: Mutex<HashMap<String, (String, String)>>,
+    token_hashes: Mutex<HashMap<String, Versioned<String>>>,
 }
+
+/// A value derived from an object at a resourceVersion.
+type Versioned<T> = (String, T);
+/// An object's namespace and name.
+type NsName = (String, String);
 
 /// The stores of one kind, one per watched namespace (or one for all).
 pub struct Registry<K: kube::Resource<DynamicType = ()> + Clone + 'static>(RwLock<Vec<Store<K>>>);

@@ -101,7 +101,7 @@ pub(super) async fn observe(
     // Paused, or deleting in a way that needs no VM (Retain keeps it, and
     // without our finalizer there is nothing to do): no Sprites.dev call.
     let needs_vm = !paused && !(deleting && (!has_finalizer || policy == DeletionPolicy::Retain));
-    let (vm, vm_from_list) = match (read, needs_vm) {
+    let (mut vm, mut vm_from_list) = match (read, needs_vm) {
         (_, false) => (None, false),
         (VmRead::Known(vm), true) => (vm.map(|b| *b), false),
         (VmRead::List, true) => match ctx.vms.lookup(vm_name, Instant::now()) {
@@ -114,10 +114,13 @@ pub(super) async fn observe(
         .annotations()
         .get(ADOPT_ANNOTATION)
         .is_some_and(|v| v == "true");
-    let observed_vm = vm.as_ref().map(|v| ObservedVm {
-        owner: vm_owner(&v.labels, &sprite.uid().unwrap_or_default()),
-        awake: v.status == "running",
-    });
+    let observe_vm = |vm: &Option<sprites::Sprite>| {
+        vm.as_ref().map(|v| ObservedVm {
+            owner: vm_owner(&v.labels, &sprite.uid().unwrap_or_default()),
+            awake: v.status == "running",
+        })
+    };
+    let mut observed_vm = observe_vm(&vm);
 
     let (bundle, bundle_error) = match desired_bundle(sprite, ctx, ns).await {
         Ok(b) => (Some(b), None),
@@ -173,11 +176,19 @@ pub(super) async fn observe(
     let session_active = session_live_until.is_some_and(|until| until > now);
 
     // Looking inside only when the VM is awake for another reason anyway
-    // (decision 3): a relay session or a running heartbeat.
+    // (decision 3): a relay session or a running heartbeat. "Awake" then
+    // comes from a get, never from the periodic list: a list a minute old
+    // can say running of a VM that has gone to sleep, and a look inside
+    // would wake it.
+    let may_look = (session_active || heartbeat_running.is_some()) && !paused && !deleting;
+    if may_look && vm_from_list && observed_vm.as_ref().is_some_and(|v| v.awake) {
+        vm = get_vm(ctx, vm_name).await?;
+        vm_from_list = false;
+        observed_vm = observe_vm(&vm);
+    }
     let ours = observed_vm.as_ref().is_some_and(|v| v.owner == VmOwner::Us);
     let awake = observed_vm.as_ref().is_some_and(|v| v.awake);
-    let awake_anyway =
-        ours && awake && (session_active || heartbeat_running.is_some()) && !paused && !deleting;
+    let awake_anyway = ours && awake && may_look;
     let bootstrapped =
         status.bootstrap.as_ref().and_then(|b| b.last_completed_step) == Some(BootstrapStep::Version);
     let server_alive = match (&status.server_session_id, awake_anyway) {

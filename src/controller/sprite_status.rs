@@ -67,9 +67,14 @@ pub(super) fn derive_status(
         status.deployed_version = Some(v.clone());
     }
     if let Some(live) = &o.session {
-        let (seconds, billing) = usage::session_time(status.session_billing.as_ref(), live, now, o.idle_tail);
+        let (seconds, connects, billing) =
+            usage::session_time(status.session_billing.as_ref(), live, now, o.idle_tail);
         if seconds > 0 {
             usage::charge(status, seconds, o.rate, now);
+        }
+        if connects > 0 {
+            status.wakes += i64::from(connects);
+            *status.wakes_by_cause.entry("session".into()).or_default() += i64::from(connects);
         }
         status.session_billing = Some(billing);
     }

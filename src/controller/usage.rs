@@ -142,13 +142,14 @@ pub fn charge(status: &mut SpriteStatus, seconds: i64, rate: MicroUsd, now: Time
 /// Relay session time not yet accounted, from the session Lease (decision
 /// 9): the time from the start of its run of sessions (or from what was
 /// accounted already) to its last renewal, and once the run has ended the
-/// idle tail. Returns the seconds to charge and the new accounting state.
+/// idle tail. Returns the seconds to charge, the upstream connects not yet
+/// counted as wakes, and the new accounting state.
 pub fn session_time(
     billed: Option<&SessionBilling>,
     live: &session::Live,
     now: Timestamp,
     idle_tail: std::time::Duration,
-) -> (i64, SessionBilling) {
+) -> (i64, u32, SessionBilling) {
     // Relay replicas each keep their own start of a run, so the Lease's
     // acquireTime can move back and forth within one run: a run is new only
     // when it started after everything accounted so far.
@@ -161,12 +162,21 @@ pub fn session_time(
         seconds += i64::try_from(idle_tail.as_secs()).unwrap_or(0);
         tail_billed = true;
     }
+    // Another replica's Lease may count fewer: never less than counted.
+    let counted = if new_run {
+        0
+    } else {
+        billed.map_or(0, |b| b.connects)
+    };
+    let new_connects = live.connects.saturating_sub(counted);
     (
         seconds,
+        new_connects,
         SessionBilling {
             acquired: Time(live.acquired),
             billed_until: Time(to),
             tail_billed,
+            connects: counted.max(live.connects),
         },
     )
 }
@@ -225,6 +235,7 @@ mod tests {
             acquired: ts(acq),
             renewed: ts(renewed),
             until: ts(until),
+            connects: 0,
         };
         // A live run: its time so far, no tail yet.
         let l1 = live(
@@ -232,7 +243,7 @@ mod tests {
             "2026-01-01T10:05:00Z",
             "2026-01-01T10:07:00Z",
         );
-        let (s1, b1) = session_time(None, &l1, ts("2026-01-01T10:05:10Z"), tail);
+        let (s1, _, b1) = session_time(None, &l1, ts("2026-01-01T10:05:10Z"), tail);
         assert_eq!((s1, b1.tail_billed), (300, false));
         // Renewed again: only the new part.
         let l2 = live(
@@ -240,7 +251,7 @@ mod tests {
             "2026-01-01T10:06:00Z",
             "2026-01-01T10:08:00Z",
         );
-        let (s2, b2) = session_time(Some(&b1), &l2, ts("2026-01-01T10:06:05Z"), tail);
+        let (s2, _, b2) = session_time(Some(&b1), &l2, ts("2026-01-01T10:06:05Z"), tail);
         assert_eq!(s2, 60);
         // Seen twice without a renewal: nothing more.
         assert_eq!(
@@ -248,7 +259,7 @@ mod tests {
             0
         );
         // Run out: the tail, once.
-        let (s3, b3) = session_time(Some(&b2), &l2, ts("2026-01-01T10:09:00Z"), tail);
+        let (s3, _, b3) = session_time(Some(&b2), &l2, ts("2026-01-01T10:09:00Z"), tail);
         assert_eq!((s3, b3.tail_billed), (30, true));
         assert_eq!(
             session_time(Some(&b3), &l2, ts("2026-01-01T10:10:00Z"), tail).0,
@@ -260,10 +271,40 @@ mod tests {
             "2026-01-01T11:01:00Z",
             "2026-01-01T11:03:00Z",
         );
-        assert_eq!(
-            session_time(Some(&b3), &l3, ts("2026-01-01T11:01:00Z"), tail).0,
-            60
+        let (s4, _, b4) = session_time(Some(&b3), &l3, ts("2026-01-01T11:01:00Z"), tail);
+        assert_eq!(s4, 60);
+        // Another relay replica renews the same run with its own, earlier
+        // start: only the new time counts, and no second tail.
+        let other = live(
+            "2026-01-01T10:59:30Z",
+            "2026-01-01T11:02:00Z",
+            "2026-01-01T11:02:01Z",
         );
+        let (s5, _, b5) = session_time(Some(&b4), &other, ts("2026-01-01T11:05:00Z"), tail);
+        assert_eq!((s5, b5.tail_billed), (60 + 30, true));
+        assert_eq!(
+            session_time(Some(&b5), &other, ts("2026-01-01T11:06:00Z"), tail).0,
+            0
+        );
+    }
+
+    #[test]
+    fn upstream_connects_count_once_as_session_wakes() {
+        let tail = std::time::Duration::from_secs(30);
+        let live = |acq: &str, connects: u32| session::Live {
+            acquired: ts(acq),
+            renewed: ts("2026-01-01T10:05:00Z"),
+            until: ts("2026-01-01T10:07:00Z"),
+            connects,
+        };
+        let now = ts("2026-01-01T10:05:10Z");
+        let (_, w1, b1) = session_time(None, &live("2026-01-01T10:00:00Z", 2), now, tail);
+        assert_eq!(w1, 2);
+        let (_, w2, b2) = session_time(Some(&b1), &live("2026-01-01T10:00:00Z", 3), now, tail);
+        assert_eq!(w2, 1);
+        // A replica that counted fewer does not take any back.
+        let (_, w3, b3) = session_time(Some(&b2), &live("2026-01-01T09:59:00Z", 1), now, tail);
+        assert_eq!((w3, b3.connects), (0, 3));
     }
 
     #[test]

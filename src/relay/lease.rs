@@ -29,8 +29,8 @@ pub struct Leases {
     pub lease: Duration,
     /// How often a live session renews it.
     pub refresh: Duration,
-    /// Per Sprite: the last write, and when its run of sessions began.
-    written: Mutex<HashMap<(String, String), (Instant, jiff::Timestamp)>>,
+    /// Per Sprite: the last write and its run of sessions.
+    written: Mutex<HashMap<(String, String), Written>>,
 }
 
 impl Leases {
@@ -52,52 +52,65 @@ impl Leases {
         }
     }
 
-    /// Whether the lease of (namespace, sprite) is due for a write at `now`,
-    /// recording the write when it is; with when its run of sessions began
-    /// (`wall` when the last write has run out: a new run).
-    fn due(
-        &self,
-        namespace: &str,
-        sprite: &str,
-        now: Instant,
-        wall: jiff::Timestamp,
-    ) -> Option<jiff::Timestamp> {
+    /// Whether the lease of (namespace, sprite) is due for a write at `now`
+    /// (always, after an upstream connect: `connected`), recording the write
+    /// when it is; with when its run of sessions began (`wall` when the last
+    /// write has run out: a new run) and the upstream connects of the run.
+    fn due(&self, key: (&str, &str), now: Instant, wall: jiff::Timestamp, connected: bool) -> Option<Run> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (namespace.to_string(), sprite.to_string());
-        let acquired = match written.get(&key) {
-            Some((t, _)) if now.duration_since(*t) < self.refresh => return None,
-            Some((t, acquired)) if now.duration_since(*t) < self.lease => *acquired,
-            _ => wall,
+        let key = (key.0.to_string(), key.1.to_string());
+        let run = match written.get(&key) {
+            Some(w) if !connected && now.duration_since(w.at) < self.refresh => return None,
+            Some(w) if now.duration_since(w.at) < self.lease => w.run,
+            _ => Run {
+                acquired: wall,
+                connects: 0,
+            },
+        };
+        let run = Run {
+            connects: run.connects + u32::from(connected),
+            ..run
         };
         // Forget leases that have run out, so the map only holds live Sprites.
         if written.len() > 1024 {
             let lease = self.lease;
-            written.retain(|_, (t, _)| now.duration_since(*t) < lease);
+            written.retain(|_, w| now.duration_since(w.at) < lease);
         }
-        written.insert(key, (now, acquired));
-        Some(acquired)
+        written.insert(key, Written { at: now, run });
+        Some(run)
     }
 
     /// Renews the Sprite's Lease if no session of it did recently. The
     /// write runs in the background: a session never waits for it.
     pub fn touch(&self, namespace: &str, sprite: &str) {
+        self.write(namespace, sprite, false);
+    }
+
+    /// An upstream connection to the Sprite's VM was made (it may have woken
+    /// the VM): counted in the Lease, written now.
+    pub fn connected(&self, namespace: &str, sprite: &str) {
+        self.write(namespace, sprite, true);
+    }
+
+    fn write(&self, namespace: &str, sprite: &str, connected: bool) {
         let Some((client, runtime)) = self.client.clone() else {
             return;
         };
         let now = jiff::Timestamp::now();
-        let Some(acquired) = self.due(namespace, sprite, Instant::now(), now) else {
+        let Some(run) = self.due((namespace, sprite), Instant::now(), now, connected) else {
             return;
         };
         let lease_ns = session::lease_namespace(self.namespace.as_deref(), namespace);
-        let body = session::lease(
+        let mut body = session::lease(
             lease_ns,
             namespace,
             sprite,
             &self.holder,
-            acquired,
+            run.acquired,
             now,
             self.lease,
         );
+        session::set_connects(&mut body, run.connects);
         let api: Api<Lease> = Api::namespaced(client, lease_ns);
         let name = body.metadata.name.clone().unwrap_or_default();
         let sprite = format!("{namespace}/{sprite}");
@@ -116,12 +129,24 @@ impl Leases {
     }
 }
 
+/// A run of sessions of one Sprite, as this relay has seen it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    acquired: jiff::Timestamp,
+    connects: u32,
+}
+
+struct Written {
+    at: Instant,
+    run: Run,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn one_write_per_refresh_interval_per_sprite() {
+    fn one_write_per_refresh_interval_per_sprite_and_at_once_per_connect() {
         let l = Leases::new(None, None, Duration::from_secs(120), Duration::from_secs(60));
         let t0 = Instant::now();
         let w0: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
@@ -131,17 +156,20 @@ mod tests {
                 w0 + jiff::SignedDuration::from_secs(s as i64),
             )
         };
-        let due = |s: u64| {
+        let due = |s: u64, connected: bool| {
             let (i, w) = at(s);
-            l.due("ns", "a", i, w)
+            l.due(("ns", "a"), i, w, connected)
         };
-        assert_eq!(due(0), Some(w0));
-        assert_eq!(due(30), None);
+        let run = |acquired, connects| Some(Run { acquired, connects });
+        assert_eq!(due(0, true), run(w0, 1));
+        assert_eq!(due(30, false), None);
+        // A reconnect is written at once and counted.
+        assert_eq!(due(31, true), run(w0, 2));
         let (i, w) = at(30);
-        assert_eq!(l.due("ns", "b", i, w), Some(w));
+        assert_eq!(l.due(("ns", "b"), i, w, false), run(w, 0));
         // Renewed within the lease: the same run of sessions.
-        assert_eq!(due(61), Some(w0));
+        assert_eq!(due(92, false), run(w0, 2));
         // Not renewed for longer than the lease: a new run.
-        assert_eq!(due(61 + 121), Some(at(182).1));
+        assert_eq!(due(92 + 121, false), run(at(213).1, 0));
     }
 }

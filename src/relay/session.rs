@@ -746,7 +746,7 @@ async fn on_connected(
     let now = Instant::now();
     st.next_keepalive = now + relay.config.keepalive_interval;
     st.next_lease = now + relay.leases.refresh;
-    relay.leases.touch(&target.namespace, &target.sprite);
+    relay.leases.connected(&target.namespace, &target.sprite);
     Ok(ws)
 }
 

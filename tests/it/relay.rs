@@ -128,6 +128,18 @@ pub(crate) async fn start_relay_over(
     handle
 }
 
+/// The gateway token the controller issued to `user`.
+pub(crate) async fn gateway_token(env: &Env, user: &str) -> String {
+    let secrets = env.ns.api::<k8s_openapi::api::core::v1::Secret>();
+    let name = format!("{user}-gateway");
+    let s = eventually(&name, 60, || async {
+        secrets.get(&name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let token = s.data.unwrap_or_default().remove("token").expect("token key");
+    String::from_utf8(token.0).expect("utf-8 token")
+}
+
 /// Waits until the relay's cache holds `user` with a token hash.
 async fn wait_cached(handle: &RelayHandle, user: &str) {
     wait_cached_where(handle, user, |u| {

@@ -575,3 +575,100 @@ async fn a_failing_bootstrap_shows_provisioning_then_failed_and_comes_back() {
     assert_eq!(st.failure, None);
     assert_eq!(st.deployed_version.as_deref(), Some("good-1"));
 }
+
+/// Over a simulated hour (30x: two real minutes) with a relay session in
+/// the middle, every wake the simulator records has a counted cause in the
+/// Sprite's status: commands against `heartbeat` (and any other operator
+/// step), proxy connections against `session`. Run alone (Makefile
+/// TIMED_TESTS): it asserts on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_simulated_hour_with_a_session_every_wake_has_a_counted_cause() {
+    let clock = Arc::new(controller::ScaledClock::new(jiff::Timestamp::now(), 30));
+    let Some(env) = Env::with(
+        "wake-causes",
+        |mut c| {
+            c.idle_timeout = Duration::from_millis(800);
+            c
+        },
+        test_config(),
+        clock.clone(),
+    )
+    .await
+    else {
+        return;
+    };
+    let spec = json!({"spriteName": "vm-causes",
+        "heartbeat": {"schedule": "*/5 * * * *", "duration": "1m", "startingDeadlineSeconds": 240}});
+    apply(&env.ns, &sprite_doc("causes", spec)).await;
+    env.wait_ready("causes", 180).await;
+    crate::sprite_lifecycle::force_sleep(&env, "vm-causes").await;
+    let sim_wakes = |stats: serde_json::Value| stats["vms"]["vm-causes"]["wakes"].clone();
+    let before = (
+        sim_wakes(env.stats().await),
+        status_of(&env.ns, "causes").await.wakes_by_cause,
+    );
+
+    // A third of the way in, a browser session through the relay, on a VM
+    // that is asleep and runs no heartbeat.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let token = crate::relay::gateway_token(&env, OWNER).await;
+    let relay = crate::relay::start_relay_over(&env, Some(&env.ns.name), |c| {
+        c.lease = Duration::from_secs(2);
+        c.lease_refresh = Duration::from_secs(1);
+    })
+    .await;
+    crate::relay::wait_cached_token(&relay, &token).await;
+    status_where(&env.ns, "causes", "no heartbeat running", 30, |st| {
+        st.active_heartbeat.is_none()
+    })
+    .await;
+    crate::sprite_lifecycle::force_sleep(&env, "vm-causes").await;
+    let mut ws = crate::relay::connect_browser(&relay, &token, "?sprite=causes")
+        .await
+        .expect("connects");
+    crate::relay::ping(&mut ws, "one").await;
+    crate::relay::ping(&mut ws, "two").await;
+    drop(ws);
+    relay.shutdown().await;
+
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    let after = (
+        sim_wakes(env.stats().await),
+        status_of(&env.ns, "causes").await.wakes_by_cause,
+    );
+    let sim = |cause: &str| after.0[cause].as_i64().unwrap_or(0) - before.0[cause].as_i64().unwrap_or(0);
+    let counted =
+        |cause: &str| after.1.get(cause).copied().unwrap_or(0) - before.1.get(cause).copied().unwrap_or(0);
+    let operator = ["heartbeat", "update", "bootstrap", "server"]
+        .into_iter()
+        .map(counted)
+        .sum::<i64>();
+    assert!(
+        counted("heartbeat") >= 8,
+        "heartbeats: {:?} -> {:?}",
+        before.1,
+        after.1
+    );
+    assert_eq!(
+        sim("exec"),
+        operator,
+        "commands' wakes vs counted: {:?} -> {:?}",
+        before,
+        after
+    );
+    assert_eq!(
+        sim("proxy"),
+        counted("session"),
+        "proxy wakes vs sessions: {:?} -> {:?}",
+        before,
+        after
+    );
+    assert_eq!(counted("session"), 1);
+    for cause in ["fs", "checkpoint"] {
+        assert_eq!(
+            sim(cause),
+            0,
+            "a {cause} call woke the VM: {before:?} -> {after:?}"
+        );
+    }
+}
