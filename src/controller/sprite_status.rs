@@ -456,3 +456,119 @@ pub(super) async fn publish_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::conditions::find;
+    use crate::money::MicroUsd;
+    use std::time::Duration;
+
+    fn sprite() -> Sprite {
+        serde_json::from_value(json!({
+            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
+            "metadata": {"name": "s", "namespace": "n", "generation": 3},
+            "spec": {"userRef": {"name": "u"}}
+        }))
+        .unwrap()
+    }
+
+    fn observed(facts: super::super::plan::Facts) -> Observed {
+        Observed {
+            facts,
+            vm: None,
+            bundle: None,
+            bundle_error: Some("no source".into()),
+            schedule: None,
+            schedule_error: None,
+            skipped: None,
+            rate: MicroUsd(180_000),
+            clamped: false,
+            suspend_reason: None,
+            vm_from_list: false,
+            tick: None,
+            vm_version: None,
+            session: None,
+            session_live_until: None,
+            idle_tail: Duration::from_secs(30),
+        }
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-20T10:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn a_paused_sprite_gets_its_condition_and_nothing_else_changes() {
+        let mut f = super::super::plan::tests::converged();
+        f.paused = true;
+        let mut st = SpriteStatus {
+            phase: Some(SpritePhase::Active),
+            ..Default::default()
+        };
+        derive_status(&sprite(), &observed(f), &Step::Paused, None, &mut st, now());
+        assert_eq!(find(&st.conditions, "Paused").unwrap().status, "True");
+        assert_eq!(st.conditions.len(), 1);
+        assert_eq!(st.phase, Some(SpritePhase::Active));
+    }
+
+    #[test]
+    fn failures_count_per_step_and_clear_on_its_success() {
+        let f = super::super::plan::tests::converged();
+        let o = observed(f);
+        let e = Error::Command {
+            step: "pip".into(),
+            code: 1,
+            stderr: String::new(),
+        };
+        let mut st = SpriteStatus::default();
+        let step = Step::Bootstrap(BootstrapStep::PipInstall);
+        for _ in 0..FAILED_AFTER_ATTEMPTS {
+            derive_status(&sprite(), &o, &step, Some(&e), &mut st, now());
+        }
+        assert_eq!(
+            st.failure.as_ref().map(|f| f.attempts),
+            Some(FAILED_AFTER_ATTEMPTS)
+        );
+        assert_eq!(st.phase, Some(SpritePhase::Failed));
+        assert_eq!(find(&st.conditions, "Ready").unwrap().reason, "CommandFailed");
+        // Another step's failure starts its own count.
+        derive_status(&sprite(), &o, &Step::StartServer, Some(&e), &mut st, now());
+        assert_eq!(
+            st.failure.as_ref().map(|f| (f.step.as_str(), f.attempts)),
+            Some(("start_server", 1))
+        );
+        assert_ne!(st.phase, Some(SpritePhase::Failed));
+        // Its success clears it.
+        derive_status(&sprite(), &o, &Step::StartServer, None, &mut st, now());
+        assert_eq!(st.failure, None);
+    }
+
+    #[test]
+    fn a_reset_says_why_until_the_bootstrap_is_done_again() {
+        let f = super::super::plan::tests::converged();
+        let mut st = SpriteStatus::default();
+        let reset = Step::ResetBootstrap(ResetReason::VmReplaced);
+        derive_status(&sprite(), &observed(f.clone()), &reset, None, &mut st, now());
+        assert_eq!(find(&st.conditions, "VmReset").unwrap().reason, "VmReplaced");
+        st.bootstrap = Some(crate::api::sprite::BootstrapStatus {
+            last_completed_step: Some(BootstrapStep::Version),
+            ..Default::default()
+        });
+        derive_status(&sprite(), &observed(f), &Step::Idle, None, &mut st, now());
+        assert!(find(&st.conditions, "VmReset").is_none());
+    }
+
+    #[test]
+    fn the_vm_version_read_from_the_vm_wins_over_status() {
+        let f = super::super::plan::tests::converged();
+        let mut o = observed(f);
+        o.vm_version = Some(Some("0.0.0-by-hand".into()));
+        let mut st = SpriteStatus {
+            deployed_version: Some("1.0.0".into()),
+            ..Default::default()
+        };
+        derive_status(&sprite(), &o, &Step::Idle, None, &mut st, now());
+        assert_eq!(st.deployed_version.as_deref(), Some("0.0.0-by-hand"));
+    }
+}

@@ -189,8 +189,9 @@ pub fn user_by_subject(sub: &str, users: &[Arc<User>]) -> Result<Arc<User>, Erro
     Ok(first.clone())
 }
 
-/// Checks that apply to a User however it authenticated.
-pub fn check_user(user: &User, users: &[Arc<User>]) -> Result<(), Error> {
+/// Whether a User may keep a session: checked at connect and again while
+/// the session lives (a User suspended or out of budget meanwhile loses it).
+pub fn may_have_session(user: &User) -> Result<(), Error> {
     if user.spec.suspend {
         return Err(Error::Forbidden("user suspended"));
     }
@@ -199,6 +200,12 @@ pub fn check_user(user: &User, users: &[Arc<User>]) -> Result<(), Error> {
     if user.status.as_ref().and_then(|s| s.phase) == Some(crate::api::user::UserPhase::OverBudget) {
         return Err(Error::Forbidden("user over budget"));
     }
+    Ok(())
+}
+
+/// Checks that apply to a User however it authenticated.
+pub fn check_user(user: &User, users: &[Arc<User>]) -> Result<(), Error> {
+    may_have_session(user)?;
     let conditions = user
         .status
         .as_ref()

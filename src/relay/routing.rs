@@ -263,6 +263,10 @@ impl Directory {
             .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
     }
 
+    pub fn user(&self, namespace: &str, name: &str) -> Option<Arc<User>> {
+        self.users.get(&ObjectRef::new(name).within(namespace))
+    }
+
     pub fn sprite(&self, namespace: &str, name: &str) -> Option<Arc<Sprite>> {
         self.sprites.get(&ObjectRef::new(name).within(namespace))
     }

@@ -230,6 +230,9 @@ where
             && connecting.is_none()
             && st.retry_at.is_none_or(|t| t <= Instant::now())
         {
+            if let Err(e) = still_allowed(&relay, &target) {
+                break End::Refused(e);
+            }
             st.retry_at = None;
             connecting = Some(start_connect(&relay, &target, &timers, &span));
             wake.mark(CONNECTING);
@@ -604,6 +607,9 @@ where
                         }
                         if now >= st.next_lease {
                             st.next_lease = now + relay.leases.refresh;
+                            if let Err(e) = still_allowed(&relay, &target) {
+                                break End::Refused(e);
+                            }
                             relay.leases.touch(&target.namespace, &target.sprite);
                         }
                     }
@@ -725,6 +731,16 @@ fn note_ack(msg: &Msg, outbox: &mut Outbox) {
 /// A fresh upstream: name the session, rewind the outbox (what was never
 /// acked goes again, written by the session's poll), start
 /// keepalive and the lease.
+/// A live session ends when its User is suspended or spends its budget
+/// meanwhile: checked before each upstream connect and at each renewal of
+/// the session Lease, from the relay's cache.
+fn still_allowed(relay: &Relay, target: &Target) -> Result<(), Error> {
+    match relay.directory.user(&target.namespace, &target.user) {
+        Some(user) => super::auth::may_have_session(&user),
+        None => Err(Error::Forbidden("user gone")),
+    }
+}
+
 async fn on_connected(
     relay: &Relay,
     target: &Target,

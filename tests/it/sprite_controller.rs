@@ -37,10 +37,17 @@ pub struct Env {
 pub fn test_config() -> OperatorConfig {
     // A resync of seconds, not minutes: what a test waits for without an
     // event (an unlabelled Secret gone, say) comes within its timeouts.
-    let config = OperatorConfig {
+    let mut config = OperatorConfig {
         resync: Duration::from_secs(20),
         ..OperatorConfig::default()
     };
+    // The enterprise tier (OWNER's) allows any schedule here: the heartbeat
+    // tests tick every few seconds.
+    let enterprise = config
+        .tiers
+        .get_mut(&sprite_operator::api::Tier::Enterprise)
+        .expect("a default tier");
+    enterprise.min_heartbeat_interval = Duration::from_secs(1);
     match std::env::var_os("SPRITE_WHEELHOUSE") {
         Some(w) => config.with_wheelhouse(std::path::Path::new(&w)),
         None => config,
