@@ -177,6 +177,11 @@ struct SimArgs {
     /// Fault injection settings: inline JSON or the path of a JSON file (see docs/simulator.md).
     #[arg(long)]
     faults: Option<String>,
+    /// Benchmark VMs: commands are emulated (the operator's bootstrap, server
+    /// and heartbeat steps answered as they would be, their files written),
+    /// no process or network namespace per VM. For fleet benchmarks only.
+    #[arg(long)]
+    bench_vms: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -422,6 +427,7 @@ async fn sim(args: SimArgs) -> Result<(), String> {
         cold_after: args.cold_after.into(),
         wake_delay: args.wake_delay.into(),
         faults,
+        bench_vms: args.bench_vms,
     };
     sprite_operator::sim::run(config)
         .await

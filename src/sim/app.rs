@@ -37,6 +37,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub cold_after: Duration,
     pub wake_delay: Duration,
+    /// Commands are emulated, not run (benchmarks only).
+    pub bench_vms: bool,
 }
 
 #[derive(Debug)]

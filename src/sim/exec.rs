@@ -140,7 +140,10 @@ pub struct Session {
     pub command: String,
     pub workdir: String,
     pub created: SystemTime,
+    /// 0 for an emulated command (benchmark VMs): no process to signal.
     pgid: i32,
+    /// An emulated command's exit, set when it is killed.
+    emulated_exit: Option<watch::Sender<Option<u8>>>,
     attached: Mutex<Option<mpsc::Sender<Out>>>,
     /// Unbounded: a bounded queue here could block the socket loop, which also drains the
     /// output that the child may be blocked on (a deadlock with `cat` and large input).
@@ -152,8 +155,16 @@ pub struct Session {
 
 impl Session {
     pub fn kill(&self, sig: Signal) {
-        if self.exit.borrow().is_none() {
-            let _ = killpg(Pid::from_raw(self.pgid), sig);
+        if self.exit.borrow().is_some() {
+            return;
+        }
+        match &self.emulated_exit {
+            Some(tx) => {
+                let _ = tx.send(Some((128 + sig as i32).clamp(0, 255) as u8));
+            }
+            None => {
+                let _ = killpg(Pid::from_raw(self.pgid), sig);
+            }
         }
     }
 
@@ -202,6 +213,9 @@ async fn spawn(
     name: &str,
     p: &ExecParams,
 ) -> Result<(Arc<Session>, mpsc::Receiver<Out>, u64), std::io::Error> {
+    if sim.settings.bench_vms {
+        return spawn_emulated(sim, name, p);
+    }
     let paths = sim.paths(name);
     let setup = ChildSetup::new(&paths.netns(), &paths.workspace(), &p.dir)?;
     let mut cmd = tokio::process::Command::new(&p.program);
@@ -234,6 +248,7 @@ async fn spawn(
         workdir: p.dir.clone(),
         created: SystemTime::now(),
         pgid: pid,
+        emulated_exit: None,
         attached: Mutex::new(Some(out_tx)),
         stdin: Mutex::new(p.stdin.then_some(stdin_tx)),
         exit: exit_rx,
@@ -268,6 +283,47 @@ async fn spawn(
         };
         tracing::debug!(sprite = %s2.vm, session = %s2.id, code, "sim exec ended");
         let _ = exit_tx.send(Some(code));
+        s2.forward(Out::Exit(code)).await;
+        lock(&sim2.sessions).remove(&s2.id);
+    });
+    Ok((session, out_rx, 1))
+}
+
+/// A benchmark VM's command: answered by `emulate`, no process.
+fn spawn_emulated(
+    sim: &Arc<Sim>,
+    name: &str,
+    p: &ExecParams,
+) -> Result<(Arc<Session>, mpsc::Receiver<Out>, u64), std::io::Error> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let outcome = super::emulate::run(&p.cmd, &sim.paths(name).workspace())?;
+    let (exit_tx, exit_rx) = watch::channel(outcome.exit);
+    let (out_tx, out_rx) = mpsc::channel(64);
+    let session = Arc::new(Session {
+        id: format!("e{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        vm: name.to_string(),
+        command: p.cmd.join(" "),
+        workdir: p.dir.clone(),
+        created: SystemTime::now(),
+        pgid: 0,
+        emulated_exit: Some(exit_tx),
+        attached: Mutex::new(Some(out_tx)),
+        stdin: Mutex::new(None),
+        exit: exit_rx.clone(),
+        attach_gen: AtomicU64::new(1),
+    });
+    lock(&sim.sessions).insert(session.id.clone(), session.clone());
+    let (sim2, s2) = (sim.clone(), session.clone());
+    let stdout = outcome.stdout;
+    tokio::spawn(async move {
+        if !stdout.is_empty() {
+            s2.forward(Out::Stdout(Bytes::from(stdout))).await;
+        }
+        let mut exit = exit_rx;
+        let code = match exit.wait_for(Option::is_some).await {
+            Ok(code) => code.unwrap_or(0),
+            Err(_) => 255,
+        };
         s2.forward(Out::Exit(code)).await;
         lock(&sim2.sessions).remove(&s2.id);
     });
@@ -346,8 +402,10 @@ pub async fn exec_attach(
 
 async fn start(sim: Arc<Sim>, name: String, params: ExecParams, req: Request) -> Result<Response, ApiError> {
     sim.wake(&name, Cause::Exec).await?;
-    let pin = sim.paths(&name).netns();
-    ns::ensure_netns(&pin).map_err(|e| ApiError::internal(e.to_string()))?;
+    if !sim.settings.bench_vms {
+        let pin = sim.paths(&name).netns();
+        ns::ensure_netns(&pin).map_err(|e| ApiError::internal(e.to_string()))?;
+    }
     let ws = upgrade_of(req)
         .await
         .map_err(|_| ApiError::bad_request("bad WebSocket upgrade"))?;

@@ -6,6 +6,7 @@
 mod admin;
 mod app;
 mod checkpoints;
+mod emulate;
 mod exec;
 pub mod faults;
 mod fs;
@@ -45,6 +46,9 @@ pub struct SimConfig {
     /// Added to the first call that wakes a sleeping VM.
     pub wake_delay: Duration,
     pub faults: Faults,
+    /// Benchmark VMs: commands are emulated, not run (`emulate.rs`). Never
+    /// the default; correctness tests never use it.
+    pub bench_vms: bool,
 }
 
 impl SimConfig {
@@ -58,6 +62,7 @@ impl SimConfig {
             cold_after: Duration::from_secs(300),
             wake_delay: Duration::from_millis(300),
             faults: Faults::default(),
+            bench_vms: false,
         }
     }
 }
@@ -188,6 +193,7 @@ pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
             idle_timeout: config.idle_timeout,
             cold_after: config.cold_after,
             wake_delay: config.wake_delay,
+            bench_vms: config.bench_vms,
         },
         vms: Mutex::new(vms),
         sessions: Mutex::new(HashMap::new()),

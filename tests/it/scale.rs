@@ -106,3 +106,52 @@ fn cache_traffic_is_told_from_object_calls() {
         "PATCH /apis/x/v1/namespaces/n/sprites/a/status?fieldManager=m"
     ));
 }
+
+/// The simulator's benchmark VMs (`bench_vms`): the controller bootstraps a
+/// Sprite to Active on them with no process run (the server's session is an
+/// emulated one), and the steps' files are there for real. For fleet
+/// benchmarks; this checks the mode itself, no correctness test runs on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sprite_becomes_active_on_benchmark_vms_without_processes() {
+    let Some(env) = Env::with(
+        "bench-vms",
+        |mut c| {
+            c.bench_vms = true;
+            c
+        },
+        test_config(),
+        Arc::new(controller::SystemClock),
+    )
+    .await
+    else {
+        return;
+    };
+    apply(
+        &env.ns,
+        &sprite_doc("emulated", json!({"spriteName": "vm-emulated"})),
+    )
+    .await;
+    let st = env.wait_ready("emulated", 60).await.status.unwrap();
+    let server = st.server_session_id.expect("a server session");
+    assert!(server.starts_with('e'), "a real process ran the server: {server}");
+    let sessions = env.sprites.list_sessions("vm-emulated").await.unwrap();
+    assert!(
+        sessions.iter().any(|s| s.id == server),
+        "the emulated server is listed: {sessions:?}"
+    );
+    let venv = env
+        .sprites
+        .list_dir("vm-emulated", "/workspace/.venv/bin")
+        .await
+        .unwrap();
+    assert!(venv.iter().any(|e| e.name == "python3"), "{venv:?}");
+    let version = env
+        .sprites
+        .read_file("vm-emulated", "/workspace/VERSION")
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version).trim(),
+        sprite_operator::runtime::EMBEDDED_VERSION.trim()
+    );
+}
