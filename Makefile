@@ -85,6 +85,8 @@ bench: ## Run the benchmarks and print their figures (installs nginx, the relay'
 	benches/relay-instructions.sh
 	@assets=$$(hack/controlplane/build.sh); eval "$$(hack/python-env.sh)"; \
 	  KUBEBUILDER_ASSETS="$$assets" SPRITE_WHEELHOUSE="$$WHEELHOUSE" $(CARGO) bench --bench apply_to_ready
+	@assets=$$(hack/controlplane/build.sh); \
+	  KUBEBUILDER_ASSETS="$$assets" $(CARGO) bench --bench fleet
 
 .PHONY: e2e-kind
 e2e-kind: ## End-to-end test in a kind cluster built offline (hack/kind/e2e.sh; root, Debian)

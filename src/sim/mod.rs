@@ -123,6 +123,11 @@ impl SimHandle {
         format!("http://{}", self.addr)
     }
 
+    /// Calls in the record (it keeps the newest 100 000).
+    pub fn stats_calls(&self) -> usize {
+        app::lock(&self.sim.calls).len()
+    }
+
     /// Stops serving, kills every VM process, unpins the network namespaces (they are made
     /// again on demand), and waits for the server to finish.
     pub async fn shutdown(mut self) -> Result<(), SimError> {
