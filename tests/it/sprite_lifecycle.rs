@@ -327,10 +327,12 @@ async fn immediate_updates_now_and_a_failed_update_rolls_back() {
         &runtime_config_map("cm-3", Some("no-such-package-sprite-operator==9.9.9")),
     )
     .await;
-    let st = eventually("the failed update to be reported", 180, || async {
+    // Retried with backoff, then given up (until a new version): the files
+    // are checked once no retry is under way.
+    let st = eventually("the failed update to be given up", 180, || async {
         let st = status_of(&env.ns, "eager").await;
-        match find(&st.conditions, "UpToDate") {
-            Some(c) if c.reason == "UpdateFailed" => Ok(st),
+        match (find(&st.conditions, "UpToDate"), &st.update) {
+            (Some(c), Some(u)) if c.reason == "UpdateFailed" && u.failed => Ok(st),
             other => Err(format!("{other:?}")),
         }
     })
