@@ -29,7 +29,9 @@ const READ_CHUNK: usize = 32 * 1024;
 /// Non-TTY default of `max_run_after_disconnect` (documented).
 const DEFAULT_MAX_RUN: Duration = Duration::from_secs(10);
 /// How long to wait for the client's close after the exit frame.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long a closing handshake may take; under a loaded machine a client
+/// can take a while to answer, and the socket is dropped after it anyway.
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The exec query, parsed.
@@ -475,7 +477,7 @@ fn session_info(id: &str, command: &str) -> String {
 }
 
 /// A command that could not start reads like a shell's failure: a message and 127/126.
-async fn refuse(mut socket: WebSocket, params: &ExecParams, e: std::io::Error) {
+async fn refuse(socket: WebSocket, params: &ExecParams, e: std::io::Error) {
     let code = if e.kind() == std::io::ErrorKind::NotFound {
         127
     } else {
@@ -487,12 +489,35 @@ async fn refuse(mut socket: WebSocket, params: &ExecParams, e: std::io::Error) {
         Message::Binary(Frame::Stderr(Bytes::from(text)).encode()),
         Message::Binary(Frame::Exit(code).encode()),
     ];
+    let (mut tx, rx) = socket.split();
     for f in frames {
-        if socket.send(f).await.is_err() {
+        if tx.send(f).await.is_err() {
             return;
         }
     }
-    let _ = socket.send(Message::Close(None)).await;
+    close_gracefully(tx, rx).await;
+}
+
+/// Sends Close and finishes the closing handshake: dropping the socket with
+/// the client's last frames (its stdin EOF) unread would reset the
+/// connection, and the client could lose the exit frame it had not read yet.
+async fn close_gracefully(
+    mut tx: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: futures::stream::SplitStream<WebSocket>,
+) {
+    let close = CloseFrame {
+        code: 1000,
+        reason: "".into(),
+    };
+    let _ = tx.send(Message::Close(Some(close))).await;
+    let drain = async {
+        while let Some(Ok(m)) = rx.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
 }
 
 /// Relays one socket to a session until the exit frame, a disconnect, or a fault drop.
@@ -517,6 +542,7 @@ async fn serve(
         // Attached after the end: only the code is left to tell.
         let code = session.exit.borrow().unwrap_or(0);
         let _ = tx.send(Message::Binary(Frame::Exit(code).encode())).await;
+        close_gracefully(tx, rx).await;
         return;
     }
     let drop_timer = async {
@@ -564,21 +590,7 @@ async fn serve(
     };
     session.detach(generation);
     if exited {
-        let close = CloseFrame {
-            code: 1000,
-            reason: "".into(),
-        };
-        let _ = tx.send(Message::Close(Some(close))).await;
-        // Finish the closing handshake: dropping the socket with the client's last frames (its
-        // stdin EOF) unread would reset the connection before the client read the exit frame.
-        let drain = async {
-            while let Some(Ok(m)) = rx.next().await {
-                if matches!(m, Message::Close(_)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+        close_gracefully(tx, rx).await;
         return;
     }
     // The socket went away first: stdin ends, and the process lives on for max_run.
