@@ -11,9 +11,32 @@ use crate::api::{Sprite, User};
 /// The CRDs with their file names under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
-        ("sprite-operator.dev_sprites.yaml", Sprite::crd()),
+        (
+            "sprite-operator.dev_sprites.yaml",
+            without_user_ref_default(Sprite::crd()),
+        ),
         ("sprite-operator.dev_users.yaml", User::crd()),
     ]
+}
+
+/// `spec.userRef` has a serde default only so that a Sprite stored before
+/// it was required still reads; in the schema a default would fill it in on
+/// write, where a rule on the spec requires it.
+fn without_user_ref_default(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        let user_ref = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"))
+            .and_then(|spec| spec.properties.as_mut())
+            .and_then(|p| p.get_mut("userRef"));
+        if let Some(user_ref) = user_ref {
+            user_ref.default = None;
+        }
+    }
+    crd
 }
 
 /// One CRD as the YAML we commit: schemars' `format: uint32`-style hints are
@@ -181,6 +204,18 @@ mod tests {
                 "Deleting"
             ])
         );
+    }
+
+    #[test]
+    fn user_ref_is_required_by_a_rule_and_never_defaulted() {
+        let yaml = all_yaml();
+        assert!(yaml.contains("userRef is required: every Sprite counts against a User"));
+        let (_, crd) = &crds()[0];
+        let schema = serde_json::to_value(crd).unwrap();
+        let user_ref = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["userRef"];
+        assert!(user_ref.is_object());
+        assert!(user_ref.get("default").is_none(), "{user_ref}");
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub const DEFAULT_HEARTBEAT_DURATION: &str = "2m";
 #[x_kube(validation = Rule::new(
     "has(self.spriteName) == has(oldSelf.spriteName) && (!has(self.spriteName) || self.spriteName == oldSelf.spriteName)"
 ).message("spriteName is immutable: it names the VM on Sprites.dev").field_path(".spriteName"))]
+#[x_kube(validation = Rule::new("has(self.userRef)").message("userRef is required: every Sprite counts against a User"))]
 #[serde(rename_all = "camelCase")]
 pub struct SpriteSpec {
     /// Name of the VM on Sprites.dev. Defaults to `<namespace>-<name>-<hash>`,
@@ -67,6 +68,10 @@ pub struct SpriteSpec {
 
     /// The User this Sprite belongs to: every Sprite counts against a User's
     /// tier, quota and budget. A Sprite whose User does not exist gets no VM.
+    /// Required by a rule on the spec, not by the schema's `required`, so
+    /// that a Sprite stored before it was required still reads (as naming no
+    /// User) instead of breaking every list of Sprites.
+    #[serde(default)]
     pub user_ref: UserRef,
 
     /// Stop heartbeats and the runtime server and let the VM sleep; the VM and
@@ -108,7 +113,7 @@ pub struct SpriteTemplateSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub struct UserRef {
     /// Name of a User in the same namespace.
     #[schemars(

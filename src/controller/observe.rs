@@ -479,6 +479,10 @@ fn embedded_bundle() -> Arc<RuntimeBundle> {
 /// synced yet, or truly gone: a get tells which, so a cache that lags never
 /// suspends a Sprite).
 async fn get_user(ctx: &Context, ns: &str, name: &str) -> Result<Option<User>, Error> {
+    // A Sprite stored before userRef was required names no User.
+    if name.is_empty() {
+        return Ok(None);
+    }
     if let Some(u) = ctx.stores.users.get(ns, name) {
         return Ok(Some((*u).clone()));
     }

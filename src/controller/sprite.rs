@@ -51,7 +51,11 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     // made on a stale list entry.
     let mut observed = observe(&sprite, &ctx, &ns, &vm_name, now, VmRead::List).await?;
     let mut step = plan::next_step(&observed.facts);
-    if observed.vm_from_list && step.acts_on_vm() {
+    // Letting go of a Sprite whose VM is to be deleted with it also rests on
+    // a get: a list taken before the VM was made would leak it.
+    let lets_go = matches!(step, Step::RemoveFinalizer)
+        && observed.facts.deletion_policy == crate::api::sprite::DeletionPolicy::Delete;
+    if observed.vm_from_list && (step.acts_on_vm() || lets_go) {
         let fresh = get_vm(&ctx, &vm_name).await?;
         if !same_vm(fresh.as_ref(), observed.vm.as_ref()) {
             let read = VmRead::Known(fresh.map(Box::new));
@@ -64,13 +68,28 @@ pub async fn reconcile(sprite: Arc<Sprite>, ctx: Arc<Context>) -> Result<Action,
     // Perform the one step; status is derived from what was seen and done.
     let mut status = sprite.status.clone().unwrap_or_default();
     status.sprite_name = Some(vm_name.clone());
-    // A due tick is consumed by starting its heartbeat (or by suspension);
-    // while another step runs first it stays planned, so it is not lost.
-    if let Some(d) = observed.tick.as_ref().filter(|_| !observed.facts.paused) {
-        record_tick(&mut status, d, observed.facts.suspended, &step);
-    }
     let t0 = Instant::now();
     let outcome = perform(&step, &sprite, &ctx, &api, &vm_name, &observed, &mut status, now).await;
+    // A due tick is consumed by starting its heartbeat (or by suspension);
+    // while another step runs first, or the start failed, it stays planned,
+    // so it is not lost.
+    if let Some(d) = observed.tick.as_ref().filter(|_| !observed.facts.paused) {
+        let started = !matches!(step, Step::StartHeartbeat(_)) || outcome.is_ok();
+        if started {
+            record_tick(&mut status, d, observed.facts.suspended, &step);
+        }
+    }
+    // A step that acts inside a sleeping VM wakes it: counted once, by cause
+    // (decision 3), when the step reached the VM (a Secret refused or a
+    // runtime unreadable stops a step before any call). A fresh get
+    // preceded any such step.
+    let reached_vm = match &outcome {
+        Ok(_) => true,
+        Err(e) => matches!(e, Error::Command { .. } | Error::Sprites(_)),
+    };
+    if let Some(cause) = wake_cause(&step, &observed.facts).filter(|_| reached_vm) {
+        count_wake(&ctx, &mut status, cause);
+    }
     ctx.metrics
         .step_duration
         .get_or_create(&StepLabels { step: step.label() })
@@ -147,11 +166,6 @@ async fn perform(
         ),
         _ => None,
     };
-    // A step that acts inside a VM that is asleep wakes it: counted once, by
-    // cause (decision 3). A fresh get preceded any such step.
-    if let Some(cause) = wake_cause(step, &observed.facts) {
-        count_wake(ctx, status, cause);
-    }
     match step {
         Step::Paused | Step::Blocked(_) | Step::Idle => Ok(false),
         Step::AddFinalizer => {
