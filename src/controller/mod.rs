@@ -109,21 +109,11 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
     }
     let client = &ctx.client;
     let limits = kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency);
-    // A Sprite is reconciled when what it asks for changes, never because
-    // its own status was written: a failing pass writes its failure count,
-    // and that write must not bypass the error's backoff.
-    let (sprite_store, sprite_writer) = reflector::store();
-    let sprite_events = reflector::reflector(
-        sprite_writer,
-        watcher(
-            api::<Sprite>(client, &namespace),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff(),
+    let controller = Controller::new(
+        api::<Sprite>(client, &namespace),
+        watcher::Config::default().any_semantic(),
     )
-    .applied_objects()
-    .predicate_filter(sprite_trigger, Default::default());
-    let controller = Controller::for_stream(sprite_events, sprite_store).with_config(limits.clone());
+    .with_config(limits.clone());
     let store = controller.store();
     ctx.stores.sprites.add(store.clone());
     let (by_cm, by_user, by_sibling, by_vm) = (store.clone(), store.clone(), store.clone(), store.clone());
@@ -215,13 +205,9 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
             watcher::Config::default(),
             move |u| dependents(&by_user, u.namespace(), |s| s.spec.user_ref.name == u.name_any()),
         )
-        // A sibling that comes or goes (or changes User) moves the quota;
-        // its status writes do not.
-        .watches_stream(
-            watcher(api::<Sprite>(client, &namespace), watcher::Config::default())
-                .default_backoff()
-                .touched_objects()
-                .predicate_filter(sprite_trigger, Default::default()),
+        .watches(
+            api::<Sprite>(client, &namespace),
+            watcher::Config::default(),
             move |sibling| {
                 let user = sibling.spec.user_ref.name.clone();
                 dependents(&by_sibling, sibling.namespace(), |s| {
@@ -296,23 +282,6 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancella
     futures::join!(sprites, users);
 }
 
-/// What of a Sprite triggers reconciles: its generation (spec changes; the
-/// apiserver bumps it when deletion starts), its annotations (pause,
-/// adopt), its labels and its deletion timestamp; not its status.
-fn sprite_trigger(s: &Sprite) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let m = kube::Resource::meta(s);
-    m.generation.hash(&mut h);
-    m.annotations.hash(&mut h);
-    m.labels.hash(&mut h);
-    m.deletion_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second())
-        .hash(&mut h);
-    Some(h.finish())
-}
-
 /// What a broadcast channel delivers, as a stream; messages missed by a slow
 /// reader are skipped (their objects come back at their resync).
 fn received<T: Clone + Send + 'static>(
@@ -380,34 +349,6 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_sprites_own_status_write_triggers_nothing() {
-        let s: Sprite = serde_json::from_value(serde_json::json!({
-            "apiVersion": "sprite-operator.dev/v1alpha1", "kind": "Sprite",
-            "metadata": {"name": "s", "namespace": "n", "generation": 1},
-            "spec": {"userRef": {"name": "u"}}
-        }))
-        .unwrap();
-        let base = sprite_trigger(&s);
-        let mut status = s.clone();
-        status.status = Some(crate::api::SpriteStatus {
-            runtime_seconds: 30,
-            ..Default::default()
-        });
-        assert_eq!(sprite_trigger(&status), base);
-        let mut spec = s.clone();
-        spec.metadata.generation = Some(2);
-        assert_ne!(sprite_trigger(&spec), base);
-        let mut paused = s.clone();
-        paused.metadata.annotations = Some([("sprite-operator.dev/paused".into(), "true".into())].into());
-        assert_ne!(sprite_trigger(&paused), base);
-        let mut deleted = s.clone();
-        deleted.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            "2026-01-01T00:00:00Z".parse().unwrap(),
-        ));
-        assert_ne!(sprite_trigger(&deleted), base);
-    }
 
     #[test]
     fn a_session_lease_reaches_only_the_sprite_its_name_and_place_speak_for() {
